@@ -1,0 +1,16 @@
+#include <pybind11/pybind11.h>
+
+#ifdef GEMMA4X_WITH_CUDA
+#include "registry.h"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gemma4x kernels: torch-free bindings taking device pointers, shapes, dtype codes and streams";
+#ifdef GEMMA4X_WITH_CUDA
+  m.def("built_with_cuda", [] { return true; }, "True: this build contains the CUDA kernels");
+  auto norm = m.def_submodule("norm", "RMSNorm family");
+  gemma4x::bindings::register_norm(norm);
+#else
+  m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
+#endif
+}

@@ -1,0 +1,17 @@
+// One register_<family> per op family; module.cc calls each, nothing else edits module.cc.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace gemma4x::bindings {
+
+// Device pointers and CUDA streams cross the boundary as plain integers: the extension never
+// sees a torch tensor, so it links no libtorch and serves every torch version.
+inline const void* as_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+inline void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+void register_norm(pybind11::module_& m);
+
+}  // namespace gemma4x::bindings

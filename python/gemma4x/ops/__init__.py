@@ -1,0 +1,17 @@
+"""gemma4x CUDA ops, registered as torch custom ops (``torch.ops.gemma4x.*``).
+
+Each family module wraps kernels of ``gemma4x._C`` with validation, output allocation
+and a fake implementation, so the ops trace under ``torch.compile(fullgraph=True)``
+and can be captured in CUDA graphs. Importing this package never needs ``_C``.
+"""
+
+from gemma4x.ops._load import ExtensionUnavailableError, cuda_kernels_available
+from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
+
+__all__ = [
+    "ExtensionUnavailableError",
+    "cuda_kernels_available",
+    "fused_add_rms_norm",
+    "moe_tail_norm",
+    "rms_norm",
+]
