@@ -174,15 +174,23 @@ bool try_launch_moe_tail_stream(const MoeTailNormParams& p, bool vectorizable, c
   const DeviceLimits limits = device_limits();
   if (p.rows <= 2 * limits.sms) return false;
   const size_t row_bytes = static_cast<size_t>(p.hidden) * sizeof(T);
+  const int row_warps = p.hidden / kVec <= 512 ? 2 : 4;
   const size_t budget = static_cast<size_t>(limits.smem_optin) - 1024 - kStreamHeaderBytes - 3 * row_bytes;
-  const int stages = static_cast<int>(std::min<size_t>(kMaxStages, budget / (3 * row_bytes)));
+  const int stages =
+      static_cast<int>(std::min<size_t>(stream_max_stages(row_warps), budget / (3 * row_bytes)));
   if (stages < 2) return false;
   const size_t smem = kStreamHeaderBytes + (3 + size_t{3} * stages) * row_bytes;
-  const auto kernel = moe_tail_norm_stream_kernel<T, kVec>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-             "cudaFuncSetAttribute(moe_tail_norm_stream_kernel)");
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(p.rows, limits.sms)));
-  kernel<<<grid, (stages + 1) * 32, smem, stream>>>(p, stages);
+  const auto launch = [&](auto kernel, int row_threads) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute(moe_tail_norm_stream_kernel)");
+    kernel<<<grid, stages * row_threads + 32, smem, stream>>>(p, stages);
+  };
+  if (row_warps == 2) {
+    launch(moe_tail_norm_stream_kernel<T, kVec, 2>, 64);
+  } else {
+    launch(moe_tail_norm_stream_kernel<T, kVec, 4>, 128);
+  }
   return true;
 }
 
