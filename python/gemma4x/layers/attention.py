@@ -1,0 +1,123 @@
+"""Gemma 4 self-attention (spec §2.5).
+
+::
+
+    q = rope(q_norm(x @ Wq^T))                              # [B, T, nH, d]
+    k = rope(k_norm(x @ Wk^T));  v = v_norm(x @ Wv^T)       # v_norm has no weight
+        (attention_k_eq_v on full layers: no Wv, v = v_norm(x @ Wk^T), the raw K projection)
+    K, V, k_pos = kv.update(layer, k, v, positions)         # cache write + visible history
+        (KV-shared "reuse" layers: no k/v at all; K, V, k_pos = the producer's, same forward)
+    o = softmax_fp32(q K^T * 1.0 + mask) V  ->  @ Wo^T      # mask from positions and window
+
+The cache is behind ``KVStore``: the model never knows whether keys come from a ring
+buffer, a dense slab or the current tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gemma4x.config import TextConfig
+from gemma4x.layers.dispatch import ops_for
+from gemma4x.layers.linear import Linear
+from gemma4x.layers.norm import RMSNorm
+
+KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K [B, Tk, nKV, d], V, k_pos [B, Tk]
+
+
+class KVStore(Protocol):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KV:
+        """Store ``k, v [B, T, nKV, d]`` of tokens at ``positions [B, T]``; return what they may attend over."""
+        ...
+
+
+class NoCache:
+    """A full-sequence forward without a cache: tokens attend over themselves only."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KV:
+        return k, v, positions
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        H, nH = cfg.hidden_size, cfg.num_attention_heads
+        self.layer = layer
+        self.head_dim = d = cfg.head_dims[layer]
+        self.num_heads = nH
+        self.num_kv_heads = nkv = cfg.num_kv_heads[layer]
+        self.is_reuse = cfg.kv_sharing[layer] == "reuse"
+        self.window_left, self.window_right = cfg.attention_window(layer)
+        bias = cfg.attention_bias
+        self.q_proj = Linear(H, nH * d, bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if not self.is_reuse:
+            self.k_proj = Linear(H, nkv * d, bias)
+            self.v_proj = Linear(H, nkv * d, bias) if cfg.has_v_proj[layer] else None
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+        self.o_proj = Linear(nH * d, H, bias)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVStore,
+        shared: KV | None,
+        native: bool,
+    ) -> tuple[torch.Tensor, KV]:
+        ops = ops_for(x, native)
+        B, T, _ = x.shape
+        d = self.head_dim
+        q = self.q_proj(x).view(B, T, self.num_heads, d)
+        q = ops.apply_rope(ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps), cos, sin)
+        if self.is_reuse:
+            if shared is None:
+                raise RuntimeError(f"layer {self.layer} reuses KV but its producer stored none in this forward")
+            keys = shared
+        else:
+            k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, d)
+            v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, d) if self.v_proj is not None else k_raw
+            k = ops.apply_rope(ops.rms_norm(k_raw, self.k_norm.weight, self.k_norm.eps), cos, sin)
+            v = ops.rms_norm(v_raw, None, self.v_norm.eps)
+            keys = kv.update(self.layer, k, v, positions)
+        K, V, k_pos = keys
+        o = ops.attention(
+            q, K, V, positions, k_pos, window_left=self.window_left, window_right=self.window_right, scale=1.0
+        )
+        return self.o_proj(o.reshape(B, T, -1)), keys
+
+    def forward(self, x, cos, sin, positions, kv: KVStore, shared: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """``x [B, T, H]`` -> (output ``[B, T, H]``, the ``(K, V, k_pos)`` attended over)."""
+        return self._run(x, cos, sin, positions, kv, shared, native=False)
+
+    def forward_native(self, x, cos, sin, positions, kv: KVStore, shared: KV | None = None) -> tuple[torch.Tensor, KV]:
+        return self._run(x, cos, sin, positions, kv, shared, native=True)
+
+
+@dataclass(frozen=True)
+class LayerCacheSpec:
+    """What KV cache one layer needs, so the runtime can allocate without knowing Gemma.
+
+    ``kind``: ``"full"`` (every past position), ``"sliding"`` (a ring of ``window`` entries:
+    the keys one query can see, itself included) or ``"none"`` (the layer reads layer
+    ``source``'s K/V from the same forward and stores nothing).
+    """
+
+    kind: str
+    num_kv_heads: int
+    head_dim: int
+    window: int | None
+    source: int
+
+    def __post_init__(self):
+        if self.kind not in ("full", "sliding", "none"):
+            raise ValueError(f"LayerCacheSpec kind must be 'full', 'sliding' or 'none', got {self.kind!r}")
+        if self.kind == "sliding" and (self.window is None or self.window < 1):
+            raise ValueError(f"a sliding LayerCacheSpec needs a window >= 1, got {self.window!r}")

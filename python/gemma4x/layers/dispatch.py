@@ -1,0 +1,64 @@
+"""The one place that picks an op implementation for a layer's ``forward``.
+
+``ops_for(x, native)`` returns a namespace with the same op names either way:
+``gemma4x.ops`` kernels when ``x`` lives on CUDA, the extension is built and ``native`` is
+False; the pure-PyTorch references otherwise (CPU, ``forward_native``). Ops that have no
+CUDA kernel yet point at a PyTorch implementation in both namespaces, so layers never
+branch on the device themselves. Attention uses torch SDPA with an explicit mask (HF's
+default), not the fp32 oracle ``reference.attention.attention``: same contract, and on CPU
+it reproduces HF's bf16 results bit for bit.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from gemma4x.reference import activation as _act
+from gemma4x.reference import attention as _attn
+from gemma4x.reference import moe as _moe
+from gemma4x.reference import norm as _norm
+from gemma4x.reference import rope as _rope
+
+
+REFERENCE = SimpleNamespace(
+    rms_norm=_norm.rms_norm,
+    fused_add_rms_norm=_norm.fused_add_rms_norm,
+    moe_tail_norm=_norm.moe_tail_norm,
+    apply_rope=_rope.apply_rope,
+    attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
+    gelu_tanh=_act.gelu_tanh,
+    moe_router=_moe.moe_router,
+    moe_experts=_moe.moe_experts,
+)
+
+
+def _cuda_namespace() -> SimpleNamespace:
+    from gemma4x import ops  # imported lazily: CPU paths never need it
+
+    return SimpleNamespace(
+        rms_norm=ops.rms_norm,
+        fused_add_rms_norm=ops.fused_add_rms_norm,
+        moe_tail_norm=ops.moe_tail_norm,
+        apply_rope=_rope.apply_rope,
+        attention=_attn.attention_sdpa,  # until the CUDA attention kernels land
+        gelu_tanh=_act.gelu_tanh,
+        moe_router=_moe.moe_router,
+        moe_experts=_moe.moe_experts,
+    )
+
+
+_CUDA: SimpleNamespace | None = None
+
+
+def ops_for(x: torch.Tensor, native: bool = False) -> SimpleNamespace:
+    """Op namespace for tensors like ``x``: CUDA kernels if usable and not ``native``, else references."""
+    global _CUDA
+    if native or not x.is_cuda:
+        return REFERENCE
+    if _CUDA is None:
+        from gemma4x.ops import cuda_kernels_available
+
+        _CUDA = _cuda_namespace() if cuda_kernels_available() else REFERENCE
+    return _CUDA

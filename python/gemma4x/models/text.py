@@ -1,0 +1,267 @@
+"""Gemma 4 text decoder: decoder layer and model assembly (spec §2).
+
+Parameter names equal the checkpoint's tensor names after the text weight prefix
+(``layers.3.self_attn.q_proj.weight``, ``layers.3.experts.gate_up_proj``,
+``layers.3.layer_scalar``, ``embed_tokens.weight``, ...), so the generic loader maps keys
+1:1. The forward of one decoder layer (spec §2.9)::
+
+    a  = post_attention_norm(attn(input_norm(h)))
+    h1 = h + a
+    m  = mlp(pre_ff_norm(h1))
+    if MoE: m = post_ff_norm_1(m) + post_ff_norm_2(experts(pre_ff_norm_2(h1), router(h1)))
+    h2 = h1 + post_ff_norm(m)
+    if PLE: h2 = h2 + post_pli_norm(proj(gelu_tanh(gate(h2)) * PLI[:, :, l]))
+    out = h2 * layer_scalar
+
+Model: ``h = embed(ids) * sqrt(H)``; layers; ``logits = softcap(norm(h) @ E^T)`` with the
+LM head tied to the unscaled embedding table.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma4x.config import TextConfig
+from gemma4x.layers.attention import KV, Attention, KVStore, LayerCacheSpec, NoCache
+from gemma4x.layers.dispatch import ops_for
+from gemma4x.layers.embedding import ScaledEmbedding, per_layer_inputs
+from gemma4x.layers.linear import Linear
+from gemma4x.layers.mlp import GegluMLP
+from gemma4x.layers.moe import Experts, Router
+from gemma4x.layers.norm import RMSNorm
+from gemma4x.layers.rotary import RotaryEmbedding
+
+
+def _call(module: nn.Module, native: bool):
+    return module.forward_native if native else module
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer = layer
+        self.eps = eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = GegluMLP(H, cfg.intermediate_sizes[layer])
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        # A checkpoint tensor [1] (persistent buffer in HF), multiplies the layer output.
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.has_ple = cfg.has_ple
+        if self.has_ple:
+            P = cfg.hidden_size_per_layer_input
+            self.per_layer_input_gate = Linear(H, P)
+            self.per_layer_projection = Linear(P, H)
+            self.post_per_layer_input_norm = RMSNorm(H, eps)
+        self.has_moe = cfg.enable_moe_block
+        if self.has_moe:
+            self.router = Router(H, cfg.num_experts, cfg.top_k_experts, eps)
+            self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+
+    def _run(
+        self,
+        h: torch.Tensor,
+        pli: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVStore,
+        shared: KV | None,
+        native: bool,
+    ) -> tuple[torch.Tensor, KV]:
+        ops = ops_for(h, native)
+        eps = self.eps
+        a = ops.rms_norm(h, self.input_layernorm.weight, eps)
+        a, keys = _call(self.self_attn, native)(a, cos, sin, positions, kv, shared)
+        a = ops.rms_norm(a, self.post_attention_layernorm.weight, eps)
+        # h becomes h1 = h + a (rounded to the dtype, in place); m = pre_ff_norm(h1).
+        m = ops.fused_add_rms_norm(a, h, self.pre_feedforward_layernorm.weight, eps)
+        m = _call(self.mlp, native)(m)
+        if self.has_moe:
+            flat = h.reshape(-1, h.shape[-1])
+            weights, idx = _call(self.router, native)(flat)  # routed on h1, not on the normed input
+            x2 = ops.rms_norm(flat, self.pre_feedforward_layernorm_2.weight, eps)
+            e = _call(self.experts, native)(x2, weights, idx).view_as(h)
+            if not self.has_ple:
+                # (post_ff(post_ff_1(m) + post_ff_2(e)) + h1) * layer_scalar in one op.
+                out = ops.moe_tail_norm(
+                    m, e, h,
+                    self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
+                    self.post_feedforward_layernorm.weight, self.layer_scalar, eps, eps, eps,
+                )  # fmt: skip
+                return out, keys
+            m = ops.rms_norm(m, self.post_feedforward_layernorm_1.weight, eps) + ops.rms_norm(
+                e, self.post_feedforward_layernorm_2.weight, eps
+            )
+        h = h + ops.rms_norm(m, self.post_feedforward_layernorm.weight, eps)
+        if self.has_ple:
+            g = ops.gelu_tanh(self.per_layer_input_gate(h)) * pli
+            g = ops.rms_norm(self.per_layer_projection(g), self.post_per_layer_input_norm.weight, eps)
+            h = h + g
+        return h * self.layer_scalar, keys
+
+    def forward(self, h, pli, cos, sin, positions, kv: KVStore, shared: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """``h [B, T, H]`` (consumed: updated in place) -> (layer output, the K/V attended over)."""
+        return self._run(h, pli, cos, sin, positions, kv, shared, native=False)
+
+    def forward_native(self, h, pli, cos, sin, positions, kv: KVStore, shared: KV | None = None):
+        return self._run(h, pli, cos, sin, positions, kv, shared, native=True)
+
+
+class Gemma4TextModel(nn.Module):
+    """The Gemma 4 text decoder with its tied, soft-capped LM head."""
+
+    def __init__(self, cfg: TextConfig, mm_placeholder_token_ids: tuple[int, ...] = ()):
+        super().__init__()
+        self.config = cfg
+        H, L = cfg.hidden_size, cfg.num_hidden_layers
+        # gemma4 (multimodal) checkpoints map image/video/audio placeholders to pad for the
+        # text embeddings and PLE when no tower output replaces them (spec §2.12, §3).
+        self.mm_placeholder_token_ids = tuple(mm_placeholder_token_ids)
+        self._mm_ids_by_device: dict[torch.device, torch.Tensor] = {}
+        self.embed_tokens = ScaledEmbedding(cfg.vocab_size, H)
+        if cfg.has_ple:
+            P = cfg.hidden_size_per_layer_input
+            self.embed_tokens_per_layer = ScaledEmbedding(cfg.vocab_size_per_layer_input, L * P, scale_dim=P)
+            self.per_layer_model_projection = Linear(H, L * P)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        # One rotary table per (layer type, head dim); they hold no parameters.
+        self._rope_key = [(t, cfg.head_dims[i]) for i, t in enumerate(cfg.layer_types)]
+        self.rotary = nn.ModuleDict(
+            {f"{t}_{d}": RotaryEmbedding(d, cfg.rope[t]) for t, d in sorted(set(self._rope_key))}
+        )
+
+    # ---- loading contract ------------------------------------------------------------
+
+    def ignored_checkpoint_keys(self, prefix: str) -> list[str]:
+        """Regexes (``re.search`` on full checkpoint keys) of tensors this model does not use.
+
+        K/V weights of KV-shared layers (HF ignores them too), the tied ``lm_head.weight``,
+        and everything outside ``prefix`` (vision/audio towers of a gemma4 checkpoint).
+        """
+        pre = re.escape(prefix)
+        pats = [rf"^(?!{pre})", r"^lm_head\.weight$"]
+        for i, mode in enumerate(self.config.kv_sharing):
+            if mode == "reuse":
+                pats.append(rf"^{pre}layers\.{i}\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+        return pats
+
+    def kv_cache_spec(self) -> list[LayerCacheSpec]:
+        """Per layer: the cache it needs (full / sliding ring of `window` entries / none)."""
+        cfg = self.config
+        specs = []
+        for i in range(cfg.num_hidden_layers):
+            nkv, d = cfg.num_kv_heads[i], cfg.head_dims[i]
+            src = cfg.kv_source_layer[i]
+            if cfg.kv_sharing[i] == "reuse":
+                specs.append(LayerCacheSpec("none", nkv, d, None, src))
+                continue
+            left, _ = cfg.attention_window(i)
+            if left is None:
+                specs.append(LayerCacheSpec("full", nkv, d, None, i))
+            else:
+                specs.append(LayerCacheSpec("sliding", nkv, d, left + 1, i))
+        return specs
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def _mm_ids(self, device: torch.device) -> torch.Tensor:
+        # Built once per device, not per forward: no host->device copy in the decode loop.
+        if device not in self._mm_ids_by_device:
+            self._mm_ids_by_device[device] = torch.tensor(self.mm_placeholder_token_ids, device=device)
+        return self._mm_ids_by_device[device]
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVStore | None,
+        last_only: bool,
+        native: bool,
+    ) -> torch.Tensor:
+        cfg = self.config
+        kv = NoCache() if kv is None else kv
+        ids = input_ids
+        if self.mm_placeholder_token_ids:
+            ids = ids.masked_fill(torch.isin(ids, self._mm_ids(ids.device)), cfg.pad_token_id)
+        h = self.embed_tokens(ids)
+        pli = None
+        if cfg.has_ple:
+            pli = per_layer_inputs(
+                h,
+                self.embed_tokens_per_layer(ids),
+                self.per_layer_model_projection,
+                self.per_layer_projection_norm,
+                cfg.num_hidden_layers,
+                native,
+            )
+        rope = {key: self.rotary[f"{key[0]}_{key[1]}"].cos_sin(positions, h.dtype) for key in set(self._rope_key)}
+
+        shared: dict[str, KV] = {}
+        for i, layer in enumerate(self.layers):
+            if last_only and i == cfg.first_kv_shared_layer and h.shape[1] > 1:
+                # From here on no layer writes KV, so only the last position matters (HF does
+                # the same in generate: _maybe_slice_kv_shared_inputs; numerically neutral).
+                h, positions = h[:, -1:], positions[:, -1:]
+                pli = pli[:, -1:] if pli is not None else None
+                rope = {k: (c[:, -1:], s[:, -1:]) for k, (c, s) in rope.items()}
+            t = cfg.layer_types[i]
+            cos, sin = rope[self._rope_key[i]]
+            h, keys = _call(layer, native)(
+                h,
+                pli[:, :, i] if pli is not None else None,
+                cos,
+                sin,
+                positions,
+                kv,
+                shared.get(t) if cfg.kv_sharing[i] == "reuse" else None,
+            )
+            if cfg.kv_sharing[i] == "store":
+                shared[t] = keys
+        if last_only:
+            h = h[:, -1:]
+        return _call(self.norm, native)(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVStore | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]`` (``[B, 1, H]`` with ``last_only``).
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            positions: ``[B, T]`` absolute positions (RoPE and masks).
+            kv: the cache to write to and read from; None = attend over these tokens only.
+            last_only: only the last position's hidden state is needed (prefill for generation).
+        """
+        return self._run(input_ids, positions, kv, last_only, native=False)
+
+    def forward_native(self, input_ids, positions, kv: KVStore | None = None, *, last_only: bool = False):
+        return self._run(input_ids, positions, kv, last_only, native=True)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``softcap(hidden @ E^T)``, rounded like HF: the cap runs in the model dtype."""
+        logits = F.linear(hidden, self.embed_tokens.weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+
+__all__ = ["DecoderLayer", "Gemma4TextModel"]

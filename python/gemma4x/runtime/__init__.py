@@ -1,0 +1,5 @@
+"""Serving runtime: Gemma4Runtime (load, score, generate), KV cache, sampler, CUDA-graph decode."""
+
+from gemma4x.runtime.runtime import Gemma4Runtime, GenerationResult
+
+__all__ = ["Gemma4Runtime", "GenerationResult"]
