@@ -225,8 +225,29 @@ def test_text_prompts_with_tokenizer(tmp_path):
 
 
 def test_text_prompt_without_tokenizer_is_an_error(dense_rt):
-    with pytest.raises(ValueError, match="prompt 0 is text but the checkpoint has no tokenizer.json"):
+    with pytest.raises(ValueError, match="prompt 0 is text but no tokenizer is loaded"):
         dense_rt.generate(["hello"], max_new_tokens=2)
+
+
+def test_token_ids_work_when_tokenizers_package_is_missing(tmp_path, monkeypatch):
+    """A checkpoint with tokenizer.json must still load and take token ids without `tokenizers`."""
+    pytest.importorskip("tokenizers")
+    from gemma4x import tokenizer as tok
+    from gemma4x.checkpoint import write_tiny_tokenizer
+
+    cfg = {**gt.DENSE, "vocab_size": 320}
+    gt.make_checkpoint(cfg, tmp_path, seed=3)
+    write_tiny_tokenizer(tmp_path, 300)
+
+    def missing():
+        raise tok.TokenizerUnavailableError("no tokenizers package")
+
+    monkeypatch.setattr(tok, "require_tokenizers", missing)
+    rt = Gemma4Runtime.from_pretrained(tmp_path, max_batch_size=1, max_seq_len=64)
+    assert rt.tokenizer is None
+    assert len(rt.generate([[2, 5, 6]], max_new_tokens=3)[0].token_ids) == 3
+    with pytest.raises(ValueError, match="`tokenizers`"):
+        rt.generate(["hello"], max_new_tokens=2)
 
 
 @pytest.mark.parametrize(

@@ -173,11 +173,10 @@ class Gemma4Runtime:
         gen = _read_generation_config(path)
         eos = _id_list(gen.get("eos_token_id"), "generation_config.json eos_token_id") or config.text.eos_token_ids
         suppress = _id_list(gen.get("suppress_tokens"), "generation_config.json suppress_tokens")
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            from gemma4x.tokenizer import load_tokenizer
+        # Token-id prompts must work without the optional `tokenizers` package.
+        from gemma4x.tokenizer import optional_tokenizer
 
-            tokenizer = load_tokenizer(path, bos_id=config.text.bos_token_id)
+        tokenizer = optional_tokenizer(path, bos_id=config.text.bos_token_id)
         return cls(
             model,
             config,
@@ -202,7 +201,10 @@ class Gemma4Runtime:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but the checkpoint has no tokenizer.json; pass token ids")
+                    raise ValueError(
+                        f"prompt {i} is text but no tokenizer is loaded (no tokenizer.json, or the `tokenizers` "
+                        "package is not installed: pip install tokenizers); pass token ids"
+                    )
                 ids = self.tokenizer.encode(p)
             elif isinstance(p, torch.Tensor):
                 ids = p.reshape(-1).tolist()
