@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma4x.reference.activation import geglu, gelu_tanh
-from gemma4x.reference.attention import attention, attention_mask, attention_sdpa
+from gemma4x.reference.attention import attention, attention_mask, attention_sdpa, attention_sdpa_single_query
 from gemma4x.reference.moe import moe_experts, moe_router
 from gemma4x.reference.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -105,6 +105,28 @@ def test_attention_oracle_vs_sdpa(window, dtype):
     torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
     if window == (None, 0):  # padding queries whose keys are all empty come out zero
         assert (a[1, :3] == 0).all() and (b[1, :3] == 0).all()
+
+
+@pytest.mark.parametrize("heads", [(8, 1, 64), (16, 2, 128), (8, 8, 32), (32, 16, 64)])
+@pytest.mark.parametrize("window", [(None, 0), (5, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_sdpa_matches_oracle(heads, window, dtype):
+    """Decode path: GQA heads folded into queries of their KV head; same contract as the oracle."""
+    nH, nKV, d = heads
+    g = torch.Generator().manual_seed(nH * d)
+    B, Tk = 3, 23
+    q = torch.randn(B, 1, nH, d, generator=g).to(dtype)
+    k = torch.randn(B, Tk, nKV, d, generator=g).to(dtype)
+    v = torch.randn(B, Tk, nKV, d, generator=g).to(dtype)
+    q_pos = torch.tensor([[22], [9], [0]])
+    k_pos = torch.arange(Tk)[None].repeat(B, 1)
+    k_pos[1, 12:] = -1  # empty slots
+    k_pos[2] = -1  # a padding row: no visible key -> zeros
+    a = attention(q, k, v, q_pos, k_pos, window_left=window[0], window_right=window[1])
+    b = attention_sdpa_single_query(q, k, v, q_pos, k_pos, window_left=window[0], window_right=window[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+    assert (b[2] == 0).all()
 
 
 def test_attention_mask_semantics():

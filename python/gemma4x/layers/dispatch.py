@@ -42,10 +42,11 @@ def _cuda_namespace() -> SimpleNamespace:
         fused_add_rms_norm=ops.fused_add_rms_norm,
         moe_tail_norm=ops.moe_tail_norm,
         apply_rope=_rope.apply_rope,
-        attention=_attn.attention_sdpa,  # until the CUDA attention kernels land
+        # Until the CUDA attention kernels land: SDPA, decode steps without GQA expansion.
+        attention=_attn.attention_sdpa_single_query,
         gelu_tanh=_act.gelu_tanh,
-        moe_router=_moe.moe_router,
-        moe_experts=_moe.moe_experts,
+        moe_router=ops.moe_router,
+        moe_experts=ops.moe_experts,  # decode kernels at T*k <= 64, grouped_mm beyond
     )
 
 

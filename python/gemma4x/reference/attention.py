@@ -113,3 +113,38 @@ def attention_sdpa(
     # A query with no visible key (padding row) comes out NaN; the contract says zeros.
     out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return out.transpose(1, 2)
+
+
+def attention_sdpa_single_query(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    window_left: int | None = None,
+    window_right: int | None = 0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`attention_sdpa` for decode steps (one query per sequence), without GQA expansion.
+
+    With ``Tq == 1`` the ``g`` query heads that share a KV head have the same mask, so they go
+    to SDPA as ``g`` queries of that one head: ``[B, nKV, g, d]`` against ``[B, nKV, Tk, d]``.
+    SDPA's own GQA path (``enable_gqa`` with a mask runs the math backend) copies K and V ``g``
+    times per layer, which dominated batch-8 decode. Other shapes fall back to ``attention_sdpa``.
+    """
+    B, Tq, nH, d = q.shape
+    nKV = k.shape[2]
+    if Tq != 1 or nH == nKV:
+        return attention_sdpa(q, k, v, q_pos, k_pos, window_left=window_left, window_right=window_right, scale=scale)
+    g = nH // nKV
+    mask = attention_mask(q_pos, k_pos, window_left, window_right)[:, None]  # [B, 1, 1, Tk]
+    out = F.scaled_dot_product_attention(
+        q.view(B, nKV, g, d),  # Tq == 1: head h = kv * g + j
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.reshape(B, 1, nH, d)
