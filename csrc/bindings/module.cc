@@ -10,6 +10,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", [] { return true; }, "True: this build contains the CUDA kernels");
   auto norm = m.def_submodule("norm", "RMSNorm family");
   gemma4x::bindings::register_norm(norm);
+  auto moe = m.def_submodule("moe", "routed GeGLU experts: router, decode experts");
+  gemma4x::bindings::register_moe(moe);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

@@ -13,5 +13,6 @@ inline const void* as_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p)
 inline void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 void register_norm(pybind11::module_& m);
+void register_moe(pybind11::module_& m);
 
 }  // namespace gemma4x::bindings

@@ -45,8 +45,8 @@ def _cuda_namespace() -> SimpleNamespace:
         # Until the CUDA attention kernels land: SDPA, decode steps without GQA expansion.
         attention=_attn.attention_sdpa_single_query,
         gelu_tanh=_act.gelu_tanh,
-        moe_router=_moe.moe_router,
-        moe_experts=_moe.moe_experts,
+        moe_router=ops.moe_router,
+        moe_experts=ops.moe_experts,  # decode kernels at T*k <= 64, grouped_mm beyond
     )
 
 

@@ -1,0 +1,191 @@
+"""Benchmark of the Gemma 4 routed-experts block (router -> experts -> combine) at the 26B-A4B shape.
+
+E=128 experts, top-8, H=2816, I=704, bf16. For each token count: µs per call, weight bytes read
+(router matrix + every chosen expert once) over that time in TB/s, % of the device copy bandwidth
+measured in the same run, and kernel launches per call, for gemma4x (decode kernels at T*k <= 64,
+grouped_mm beyond), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
+torch loop (HF's eager experts; it syncs with the host, so it is timed eagerly with events, not
+in a graph). Every graph-timed call replays over rotated input sets.
+
+    python bench/ops/bench_moe.py [--tokens 1 8 64 512 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from bench.harness import Report, copy_bandwidth_gbs, time_graph  # noqa: E402
+from gemma4x import ops  # noqa: E402
+from gemma4x.reference import moe as ref  # noqa: E402
+from gemma4x.reference.activation import gelu_tanh  # noqa: E402
+
+E, K, H, I = 128, 8, 2816, 704
+EPS = 1e-6
+DTYPE = torch.bfloat16
+EXPERT_BYTES = 3 * I * H * 2
+ROUTER_BYTES = E * H * 2
+
+
+def make_weights():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale).to(DTYPE)  # noqa: E731
+    return dict(
+        proj=rnd(E, H),
+        scale=rnd(H, scale=0.3) + 1,
+        pes=(torch.rand(E, generator=g, device="cuda") + 0.5).to(DTYPE),
+        gate_up=rnd(E, 2 * I, H, scale=2 * H**-0.5),
+        down=rnd(E, H, I, scale=I**-0.5),
+    )
+
+
+def block_gemma4x(W, h, x):
+    w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
+
+
+def block_reference(W, h, x):
+    w, idx = ref.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    return ref.moe_experts(x, idx, w, W["gate_up"], W["down"])
+
+
+def block_torch_loop(W, h, x):
+    """HF's eager experts: one F.linear pair per chosen expert, index_add_ into the output."""
+    w, idx = ref.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    out = torch.zeros_like(x)
+    for e in idx.unique().tolist():
+        rows, slots = torch.where(idx == e)
+        gate, up = torch.nn.functional.linear(x[rows], W["gate_up"][e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(gelu_tanh(gate) * up, W["down"][e])
+        out.index_add_(0, rows, (y * w[rows, slots, None]).to(x.dtype))
+    return out
+
+
+def time_eager(fn, sets, reps=30):
+    for s in sets[:2]:
+        fn(*s)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for r in range(reps):
+        s = sets[r % len(sets)]
+        start.record()
+        fn(*s)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def device_kernels(fn, reps=1):
+    """(name, µs) of each kernel one eager call launches, from the profiler (mean over reps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name]
+    return [(e.name, e.device_time if hasattr(e, "device_time") else e.cuda_time) for e in events]
+
+
+def launches_per_call(fn):
+    try:
+        return len(device_kernels(fn))
+    except Exception as exc:  # profiler missing on the machine: say so rather than fail the run
+        print("launch count unavailable:", exc)
+        return -1
+
+
+def topk_tie_order():
+    """Whether torch.topk on CUDA puts the lower index first among equal values (informational)."""
+    p = torch.rand(64, 128, device="cuda")
+    p[:, 77] = p[:, 5] = p.max(-1).values + 1
+    _, idx = p.topk(8, dim=-1)
+    return bool((idx[:, 0] == 5).all() and (idx[:, 1] == 77).all())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    p.add_argument("--impls", nargs="+", default=["gemma4x", "reference", "torch_loop"])
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+
+    report = Report("bench_moe" + args.tag)
+    copy_gbs = copy_bandwidth_gbs()
+    report.ceilings["copy_GBps"] = copy_gbs
+    report.ceilings["torch_topk_lower_index_first"] = topk_tie_order()
+    print(f"device: {report.device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write); "
+          f"torch.topk ties lower index first: {report.ceilings['torch_topk_lower_index_first']}")
+    W = make_weights()
+    impls = {"gemma4x": block_gemma4x, "reference": block_reference, "torch_loop": block_torch_loop}
+    impls = {k: v for k, v in impls.items() if k in args.impls}
+
+    print(f"{'tokens':>6} {'experts':>7} {'MB':>7} | " + " | ".join(f"{k:>30}" for k in impls))
+    for T in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(T)
+        n_sets = 8 if T <= 64 else 2  # different tokens route to different experts: no L2 reuse
+        sets = [
+            (torch.randn(T, H, generator=g, device="cuda").to(DTYPE) * 2, torch.randn(T, H, generator=g, device="cuda").to(DTYPE))
+            for _ in range(n_sets)
+        ]
+        used = []
+        for h, _ in sets:
+            _, idx = ref.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+            used.append(idx.unique().numel())
+        nbytes = statistics.mean(used) * EXPERT_BYTES + ROUTER_BYTES
+        expected = block_reference(W, *sets[0])
+        cells = []
+        for name, fn in impls.items():
+            out = fn(W, *sets[0])
+            err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+            if name == "torch_loop":
+                us = time_eager(lambda h, x, fn=fn: fn(W, h, x), sets)
+                launches = -1
+            else:
+                inner = 4 if T <= 64 else 1
+                us = time_graph([lambda s=s, fn=fn: fn(W, *s) for s in sets], inner=inner, replays=20).median_us
+                launches = launches_per_call(lambda fn=fn: fn(W, *sets[0]))
+            tbs = nbytes / (us * 1e-6) / 1e12
+            report.add(impl=name, tokens=T, experts_used=statistics.mean(used), weight_MB=nbytes / 1e6, us=us,
+                       TBps=tbs, pct_copy=100 * tbs * 1e3 / copy_gbs, launches=launches, rel_err_vs_ref=err)
+            cells.append(f"{us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}% L{launches:<3d}")
+        print(f"{T:>6} {statistics.mean(used):>7.1f} {nbytes / 1e6:>7.1f} | " + " | ".join(f"{c:>30}" for c in cells),
+              flush=True)
+        if "gemma4x" in impls and T * K <= 64:  # where the decode time goes
+            h, x = sets[0]
+            w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+            t_router = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
+                                   for s in sets], inner=4, replays=20).median_us
+            routes = [ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS) for s in sets]
+            t_experts = time_graph([lambda s=s, r=r: ops.moe_experts(s[1], r[1], r[0], W["gate_up"], W["down"])
+                                    for s, r in zip(sets, routes)], inner=4, replays=20).median_us
+            try:  # eager, one kernel at a time (no PDL overlap): where each kernel's time goes
+                per_kernel = {}
+                for i, s in enumerate(sets):
+                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):
+                        short = name.split("<")[0].split("(")[0].split("::")[-1]
+                        per_kernel.setdefault(short, []).append(t)
+                per_kernel = {k: statistics.median(v) for k, v in per_kernel.items()}
+            except Exception as exc:
+                per_kernel = {"unavailable": str(exc)}
+            report.add(impl="gemma4x_parts", tokens=T, router_us=t_router, experts_us=t_experts,
+                       experts_TBps=(nbytes - ROUTER_BYTES) / (t_experts * 1e-6) / 1e12, eager_kernels_us=per_kernel)
+            print(f"{'':>6} gemma4x parts: router {t_router:.1f} us, experts {t_experts:.1f} us "
+                  f"({(nbytes - ROUTER_BYTES) / (t_experts * 1e-6) / 1e12:.2f} TB/s); eager kernels: "
+                  + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in per_kernel.items()),
+                  flush=True)
+    print("wrote", report.write())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+#include "moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#include "gemma4x/common/check.h"
+#include "gemma4x/moe/experts_decode_kernels.cuh"
+#include "gemma4x/moe/router_kernels.cuh"
+
+namespace gemma4x::moe {
+namespace {
+
+// The r and scale rows live in dynamic shared memory (2 * H * sizeof(T)); 48 KB needs no opt-in
+// for any dtype up to H = 6144 (Gemma 4: H <= 5376).
+constexpr int kRouterMaxHidden = 48 * 1024 / 8;
+
+// Decode instances: vectors per lane of one weight row. Kernel A: a warp per H row, so 11 covers
+// H = 2816 exactly (26B-A4B); kernel B: 8 lanes per I row, 11 covers I = 704. The others serve
+// small test shapes and up to H = 3072, I = 1024 within kernel A's register budget.
+constexpr int kGateUpVpl[] = {2, 6, 11, 12};
+constexpr int kDownVpl[] = {4, 11, 16};
+constexpr int kDecodeMaxHidden = 32 * 12 * 8;
+constexpr int kDecodeMaxInter = kDownLanes * 16 * 8;
+
+int device_sms() {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+void check_ptr(const char* op, const char* name, const void* ptr, bool needed, size_t align) {
+  GEMMA4X_CHECK_ARG(!needed || ptr != nullptr, op, ": ", name, " is a null pointer");
+  GEMMA4X_CHECK_ARG(ptr == nullptr || is_aligned(ptr, align), op, ": ", name, " must be ", align,
+                    "-byte aligned for the vector loads");
+}
+
+// Blocks per cluster: the router matrix (E*H elements) is split over C SMs per token. Decode
+// batches get 8, so the 720 KB matrix streams through 8 SMs; once the tokens alone fill the
+// machine, C = 1 avoids recomputing the norm.
+int router_cluster(int64_t tokens, int experts) {
+  const int sms = device_sms();
+  int c = tokens * 8 <= 2 * sms ? 8 : tokens * 4 <= 2 * sms ? 4 : tokens * 2 <= 2 * sms ? 2 : 1;
+  while (c > 1 && experts % c != 0) c /= 2;
+  return c;
+}
+
+template <typename T>
+void launch_router(const MoeRouterParams& p, cudaStream_t stream) {
+  const int c = router_cluster(p.tokens, p.experts);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(c * p.tokens));
+  cfg.blockDim = dim3(kRouterThreads);
+  cfg.dynamicSmemBytes = 2 * static_cast<size_t>(p.hidden) * sizeof(T);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(c);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T>, p), "moe_router_kernel launch");
+}
+
+// GEMMA4X_MOE_PDL=0 launches the experts kernels without programmatic dependent launch (for
+// benchmarks comparing the two).
+bool use_pdl() {
+  static const bool v = [] {
+    const char* env = std::getenv("GEMMA4X_MOE_PDL");
+    return env == nullptr || std::atoi(env) != 0;
+  }();
+  return v;
+}
+
+// Launch on `stream`, allowed to start before the previous kernel on it has finished (the kernel
+// calls grid_dependency_wait() before reading what that kernel wrote).
+template <typename Kernel>
+void launch_dependent(Kernel kernel, unsigned grid, unsigned threads, size_t smem, cudaStream_t stream,
+                      const MoeExpertsDecodeParams& p, const char* name) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl() ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), name);
+}
+
+// GEMMA4X_MOE_GATE_UP_BLOCKS caps kernel A's resident blocks per SM below what fits; benchmarks
+// sweep it, nothing else should need it.
+int gate_up_blocks_cap() {
+  static const int v = [] {
+    const char* env = std::getenv("GEMMA4X_MOE_GATE_UP_BLOCKS");
+    return env != nullptr ? std::atoi(env) : 0;
+  }();
+  return v;
+}
+
+// GEMMA4X_MOE_X_SMEM=1 stages x in shared memory where it fits (kernel A's X_SMEM variant). Off by
+// default: on an H200 at the 26B-A4B shape it measured the same at 1 token (35.0 against 35.3 us
+// for the experts) and 4% slower at 8 tokens (194.0 against 185.7 us); benchmarks compare the two.
+bool x_smem_allowed() {
+  static const bool v = [] {
+    const char* env = std::getenv("GEMMA4X_MOE_X_SMEM");
+    return env != nullptr && std::atoi(env) != 0;
+  }();
+  return v;
+}
+
+template <typename T, int NVL, bool X_SMEM>
+void launch_gate_up_variant(const MoeExpertsDecodeParams& p, size_t smem, cudaStream_t stream) {
+  const auto kernel = moe_decode_gate_up_kernel<T, NVL, X_SMEM>;
+  int fits = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fits, kernel, kGateUpThreads, smem),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  fits = std::max(fits, 1);
+  const int occupancy = gate_up_blocks_cap() > 0 ? std::min(fits, gate_up_blocks_cap()) : fits;
+  // Upper bound of the warp tasks (the used experts are known only on the device), capped at one
+  // resident wave: the kernel strides over its tasks, so no block waits for a second wave.
+  const int64_t pairs = static_cast<int64_t>(p.tokens) * p.top_k;
+  const int64_t tasks = std::min<int64_t>(pairs, p.experts) * p.inter;
+  const int64_t warps = kGateUpThreads / 32;
+  const int64_t grid =
+      std::max<int64_t>(1, std::min<int64_t>((tasks + warps - 1) / warps, int64_t{occupancy} * device_sms()));
+  launch_dependent(kernel, static_cast<unsigned>(grid), kGateUpThreads, smem, stream, p,
+                   "moe_decode_gate_up_kernel launch");
+}
+
+template <typename T, int NVL>
+void launch_gate_up(const MoeExpertsDecodeParams& p, cudaStream_t stream) {
+  const size_t x_bytes = static_cast<size_t>(p.tokens) * p.hidden * sizeof(T);
+  if (x_smem_allowed() && x_bytes <= kGateUpMaxXSmem) {
+    launch_gate_up_variant<T, NVL, true>(p, x_bytes, stream);
+  } else {
+    launch_gate_up_variant<T, NVL, false>(p, 0, stream);
+  }
+}
+
+template <typename T, int NVB>
+void launch_down(const MoeExpertsDecodeParams& p, cudaStream_t stream) {
+  // act rows in shared memory: up to kDecodeMaxPairs x kDecodeMaxInter elements (128 KB).
+  static const bool opted_in = [] {
+    check_cuda(cudaFuncSetAttribute(moe_decode_down_kernel<T, NVB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kDecodeMaxPairs * kDecodeMaxInter * static_cast<int>(sizeof(T))),
+               "cudaFuncSetAttribute(moe_decode_down_kernel)");
+    return true;
+  }();
+  (void)opted_in;
+  const unsigned grid = static_cast<unsigned>((p.hidden + kDownRows - 1) / kDownRows);
+  const size_t smem = static_cast<size_t>(p.tokens) * p.top_k * p.inter * sizeof(T);
+  launch_dependent(moe_decode_down_kernel<T, NVB>, grid, kDownThreads, smem, stream, p,
+                   "moe_decode_down_kernel launch");
+}
+
+template <typename T>
+void launch_decode(const MoeExpertsDecodeParams& p, cudaStream_t stream) {
+  const int a_vpl = (p.hidden / 8 + 31) / 32;
+  const int b_vpl = (p.inter / 8 + kDownLanes - 1) / kDownLanes;
+  if (a_vpl <= kGateUpVpl[0]) launch_gate_up<T, kGateUpVpl[0]>(p, stream);
+  else if (a_vpl <= kGateUpVpl[1]) launch_gate_up<T, kGateUpVpl[1]>(p, stream);
+  else if (a_vpl <= kGateUpVpl[2]) launch_gate_up<T, kGateUpVpl[2]>(p, stream);
+  else launch_gate_up<T, kGateUpVpl[3]>(p, stream);
+  check_launch("moe_decode_gate_up_kernel");
+  if (b_vpl <= kDownVpl[0]) launch_down<T, kDownVpl[0]>(p, stream);
+  else if (b_vpl <= kDownVpl[1]) launch_down<T, kDownVpl[1]>(p, stream);
+  else launch_down<T, kDownVpl[2]>(p, stream);
+  check_launch("moe_decode_down_kernel");
+}
+
+}  // namespace
+
+DecodeLimits moe_decode_limits() {
+  return DecodeLimits{kDecodeMaxPairs, kDecodeMaxExperts, kDecodeMaxHidden, kDecodeMaxInter};
+}
+
+void moe_router(const MoeRouterParams& p, DType dtype, cudaStream_t stream) {
+  constexpr const char* op = "moe_router";
+  const int vec = 16 / dtype_size(dtype);
+  GEMMA4X_CHECK_ARG(p.tokens >= 0 && p.tokens <= 0x7fffffff / kRouterMaxCluster, op, ": tokens T must be in [0, ",
+                    0x7fffffff / kRouterMaxCluster, "], got ", p.tokens);
+  GEMMA4X_CHECK_ARG(p.hidden > 0 && p.hidden % vec == 0 && p.hidden <= kRouterMaxHidden, op,
+                    ": hidden size H must be a positive multiple of ", vec, " and <= ", kRouterMaxHidden, ", got ",
+                    p.hidden);
+  GEMMA4X_CHECK_ARG(p.experts > 0 && p.experts <= kRouterMaxExperts, op, ": experts E must be in [1, ",
+                    kRouterMaxExperts, "], got ", p.experts);
+  GEMMA4X_CHECK_ARG(p.top_k > 0 && p.top_k <= 32 && p.top_k <= p.experts, op, ": top_k must be in [1, min(32, E=",
+                    p.experts, ")], got ", p.top_k);
+  GEMMA4X_CHECK_ARG(std::isfinite(p.eps) && p.eps >= 0.f, op, ": eps must be finite and >= 0, got ", p.eps);
+  GEMMA4X_CHECK_ARG(p.h_row_stride % vec == 0, op, ": h row stride must be a multiple of ", vec, ", got ",
+                    p.h_row_stride);
+  const bool needed = p.tokens > 0;
+  check_ptr(op, "h", p.h, needed, 16);
+  check_ptr(op, "proj_weight", p.proj_weight, needed, 16);
+  check_ptr(op, "scale", p.scale, needed, 16);
+  check_ptr(op, "per_expert_scale", p.per_expert_scale, needed, 1);
+  check_ptr(op, "weights", p.weights, needed, 4);
+  check_ptr(op, "idx", p.idx, needed, 8);
+  if (p.tokens == 0) return;
+  switch (dtype) {
+    case DType::kFloat32: launch_router<float>(p, stream); break;
+    case DType::kFloat16: launch_router<__half>(p, stream); break;
+    case DType::kBFloat16: launch_router<__nv_bfloat16>(p, stream); break;
+  }
+  check_launch("moe_router_kernel");
+}
+
+void moe_experts_decode(const MoeExpertsDecodeParams& p, DType dtype, cudaStream_t stream) {
+  constexpr const char* op = "moe_experts_decode";
+  GEMMA4X_CHECK_ARG(dtype != DType::kFloat32, op, ": dtype float32 is not supported (bfloat16 or float16)");
+  GEMMA4X_CHECK_ARG(p.tokens >= 0, op, ": tokens T must be >= 0, got ", p.tokens);
+  GEMMA4X_CHECK_ARG(p.top_k > 0, op, ": top_k k must be > 0, got ", p.top_k);
+  GEMMA4X_CHECK_ARG(static_cast<int64_t>(p.tokens) * p.top_k <= kDecodeMaxPairs, op, ": T*k must be <= ",
+                    kDecodeMaxPairs, " on the decode path, got T=", p.tokens, " k=", p.top_k);
+  GEMMA4X_CHECK_ARG(p.experts > 0 && p.experts <= kDecodeMaxExperts, op, ": experts E must be in [1, ",
+                    kDecodeMaxExperts, "], got ", p.experts);
+  GEMMA4X_CHECK_ARG(p.hidden > 0 && p.hidden % 8 == 0 && p.hidden <= kDecodeMaxHidden, op,
+                    ": hidden size H must be a positive multiple of 8 and <= ", kDecodeMaxHidden, ", got ", p.hidden);
+  GEMMA4X_CHECK_ARG(p.inter > 0 && p.inter % 8 == 0 && p.inter <= kDecodeMaxInter, op,
+                    ": intermediate size I must be a positive multiple of 8 and <= ", kDecodeMaxInter, ", got ",
+                    p.inter);
+  GEMMA4X_CHECK_ARG(p.x_row_stride % 8 == 0, op, ": x row stride must be a multiple of 8, got ", p.x_row_stride);
+  GEMMA4X_CHECK_ARG(p.tokens <= 1 || p.out_row_stride >= p.hidden, op, ": out row stride ", p.out_row_stride,
+                    " is smaller than H=", p.hidden);
+  const bool needed = p.tokens > 0;
+  check_ptr(op, "x", p.x, needed, 16);
+  check_ptr(op, "idx", p.idx, needed, 8);
+  check_ptr(op, "weights", p.weights, needed, 4);
+  check_ptr(op, "gate_up_proj", p.gate_up, needed, 16);
+  check_ptr(op, "down_proj", p.down, needed, 16);
+  check_ptr(op, "act", p.act, needed, 16);
+  check_ptr(op, "out", p.out, needed, 2);
+  if (p.tokens == 0) return;
+  switch (dtype) {
+    case DType::kFloat16: launch_decode<__half>(p, stream); break;
+    case DType::kBFloat16: launch_decode<__nv_bfloat16>(p, stream); break;
+    case DType::kFloat32: break;
+  }
+}
+
+}  // namespace gemma4x::moe

@@ -1,0 +1,252 @@
+"""Gemma 4 routed GeGLU experts on the GPU (spec §2.8).
+
+Router, one launch for any T::
+
+    r      = bf16( bf16( rms_norm(h) * scale ) * H^-0.5 )
+    p      = softmax_fp32( bf16(r @ W_router^T) )
+    w, idx = topk(p, k);  w = w / sum(w) * per_expert_scale[idx]          # fp32
+
+Experts::
+
+    out[t] = bf16( sum_j w[t,j] * bf16( (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T ) )   e = idx[t,j]
+
+with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode batches
+(``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger
+batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
+live in :mod:`gemma4x.reference.moe`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_weight
+from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
+from gemma4x.ops._launch import as_rows, on_device
+from gemma4x.ops._load import extension
+from gemma4x.reference import moe as _ref
+
+# Limits of the kernels (csrc/ops/moe/moe.cu holds the same numbers; a GPU test compares them).
+ROUTER_MAX_EXPERTS = 256
+ROUTER_MAX_TOP_K = 32
+ROUTER_MAX_HIDDEN = 6144
+# Beyond this many tokens the router is a real GEMM: cuBLAS (the reference path) beats one block
+# per token re-reading the 720 KB router matrix from L2 (H200, 26B-A4B shape: equal at 512 tokens,
+# 0.29 ms slower at 4096).
+ROUTER_FUSED_MAX_TOKENS = 512
+DECODE_MAX_PAIRS = 64
+DECODE_MAX_EXPERTS = 256
+DECODE_MAX_HIDDEN = 3072
+DECODE_MAX_INTER = 1024
+_DECODE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list[int], dtype, device, *, contiguous: bool) -> None:
+    if list(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {list(t.shape)}")
+    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        names = " or ".join(_fmt_dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+        raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {names}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
+
+
+def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:
+    op = "moe_router"
+    dtype_code(h, f"{op}: h")
+    check_rows(op, "h", h)
+    H = h.shape[-1]
+    if proj_weight.dim() != 2:
+        raise ValueError(f"{op}: proj_weight must be [E, H={H}], got shape {list(proj_weight.shape)}")
+    E = proj_weight.shape[0]
+    _check_tensor(op, "proj_weight", proj_weight, [E, H], h.dtype, h.device, contiguous=True)
+    if not 1 <= E <= ROUTER_MAX_EXPERTS:
+        raise ValueError(f"{op}: experts E must be in [1, {ROUTER_MAX_EXPERTS}], got {E}")
+    vec = 16 // h.element_size()
+    if H % vec != 0 or H > ROUTER_MAX_HIDDEN:
+        raise ValueError(f"{op}: hidden size H must be a multiple of {vec} and <= {ROUTER_MAX_HIDDEN}, got {H}")
+    check_weight(op, "scale", scale, h)
+    _check_tensor(op, "per_expert_scale", per_expert_scale, [E], (h.dtype, torch.float32), h.device, contiguous=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(ROUTER_MAX_TOP_K, E):
+        raise ValueError(f"{op}: top_k must be an int in [1, min({ROUTER_MAX_TOP_K}, E={E})], got {top_k!r}")
+    check_float_scalar(op, "eps", eps)
+
+
+def _check_experts(x, idx, weights, gate_up_proj, down_proj) -> None:
+    op = "moe_experts"
+    dtype_code(x, f"{op}: x")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [T, H], got shape {list(x.shape)}")
+    check_rows(op, "x", x)
+    T, H = x.shape
+    if idx.dim() != 2 or idx.shape[0] != T:
+        raise ValueError(f"{op}: idx must be [T={T}, k], got shape {list(idx.shape)}")
+    k = idx.shape[1]
+    _check_tensor(op, "idx", idx, [T, k], torch.int64, x.device, contiguous=False)
+    _check_tensor(op, "weights", weights, [T, k], torch.float32, x.device, contiguous=False)
+    if gate_up_proj.dim() != 3 or gate_up_proj.shape[2] != H or gate_up_proj.shape[1] % 2 != 0:
+        raise ValueError(f"{op}: gate_up_proj must be [E, 2I, H={H}], got shape {list(gate_up_proj.shape)}")
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    _check_tensor(op, "gate_up_proj", gate_up_proj, [E, 2 * I, H], x.dtype, x.device, contiguous=False)
+    _check_tensor(op, "down_proj", down_proj, [E, H, I], x.dtype, x.device, contiguous=False)
+
+
+def decode_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """True when :func:`moe_experts` runs the decode kernels for these arguments (else grouped_mm)."""
+    T, H = x.shape
+    k = idx.shape[1]
+    E, I2, _ = gate_up_proj.shape
+    return (
+        x.dtype in _DECODE_DTYPES
+        and T * k <= DECODE_MAX_PAIRS
+        and E <= DECODE_MAX_EXPERTS
+        and H % 8 == 0
+        and H <= DECODE_MAX_HIDDEN
+        and (I2 // 2) % 8 == 0
+        and I2 // 2 <= DECODE_MAX_INTER
+        and gate_up_proj.is_contiguous()
+        and down_proj.is_contiguous()
+    )  # no data_ptr() here: fake tensors have none (the launcher checks 16-byte alignment)
+
+
+def _aligned_rows(t: torch.Tensor, name: str, op: str, vec: int) -> tuple[torch.Tensor, int]:
+    """``[rows, hidden]`` view whose base and row stride allow 16-byte loads (copied if not)."""
+    rows, stride = as_rows(t, name, op)
+    if rows.data_ptr() % 16 != 0 or stride % vec != 0:
+        rows = rows.clone(memory_format=torch.contiguous_format)
+        stride = rows.shape[-1]
+    return rows, stride
+
+
+@torch.library.custom_op("gemma4x::moe_router", mutates_args=())
+def _moe_router_op(
+    h: torch.Tensor,
+    proj_weight: torch.Tensor,
+    scale: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    check_cuda("moe_router", "h", h)
+    out_shape = (*h.shape[:-1], top_k)
+    weights = torch.empty(out_shape, dtype=torch.float32, device=h.device)
+    idx = torch.empty(out_shape, dtype=torch.int64, device=h.device)
+    rows, stride = _aligned_rows(h, "h", "moe_router", 16 // h.element_size())
+    with on_device(h) as stream:
+        extension().moe.moe_router(
+            weights.data_ptr(), idx.data_ptr(), rows.data_ptr(), stride, proj_weight.data_ptr(), scale.data_ptr(),
+            per_expert_scale.data_ptr(), per_expert_scale.dtype == torch.float32,
+            rows.shape[0], h.shape[-1], proj_weight.shape[0], top_k, float(eps), DTYPE_CODES[h.dtype], stream,
+        )  # fmt: skip
+    return weights, idx
+
+
+@_moe_router_op.register_fake
+def _(h, proj_weight, scale, per_expert_scale, top_k, eps):
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    out_shape = (*h.shape[:-1], top_k)
+    return h.new_empty(out_shape, dtype=torch.float32), h.new_empty(out_shape, dtype=torch.int64)
+
+
+def _check_decode(x, idx, weights, gate_up_proj, down_proj) -> None:
+    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+    if not decode_supported(x, idx, gate_up_proj, down_proj):
+        T, H = x.shape
+        E, I2, _ = gate_up_proj.shape
+        raise ValueError(
+            f"moe_experts_decode: unsupported arguments (dtype {_fmt_dtype(x.dtype)}, T={T}, k={idx.shape[1]}, E={E}, "
+            f"H={H}, I={I2 // 2}); needs bfloat16/float16, T*k <= {DECODE_MAX_PAIRS}, E <= {DECODE_MAX_EXPERTS}, "
+            f"H and I multiples of 8, H <= {DECODE_MAX_HIDDEN}, I <= {DECODE_MAX_INTER}, contiguous "
+            "weights; moe_experts picks the grouped_mm path for anything else"
+        )
+
+
+@torch.library.custom_op("gemma4x::moe_experts_decode", mutates_args=())
+def _moe_experts_decode_op(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    _check_decode(x, idx, weights, gate_up_proj, down_proj)
+    check_cuda("moe_experts_decode", "x", x)
+    T, H = x.shape
+    k = idx.shape[1]
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    rows, stride = _aligned_rows(x, "x", "moe_experts_decode", 8)
+    idx, weights = idx.contiguous(), weights.contiguous()
+    with on_device(x) as stream:
+        extension().moe.moe_experts_decode(
+            out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
+            gate_up_proj.data_ptr(), down_proj.data_ptr(), act.data_ptr(),
+            T, k, E, H, I, DTYPE_CODES[x.dtype], stream,
+        )  # fmt: skip
+    return out
+
+
+@_moe_experts_decode_op.register_fake
+def _(x, idx, weights, gate_up_proj, down_proj):
+    _check_decode(x, idx, weights, gate_up_proj, down_proj)
+    return x.new_empty(x.shape)
+
+
+def moe_router(
+    h: torch.Tensor,
+    proj_weight: torch.Tensor,
+    scale: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w, idx = topk(softmax_fp32(bf16(bf16(rms(h) * scale) * H^-0.5) @ W^T), k)``; ``w / sum(w) * s[idx]``.
+
+    One fused launch up to ``ROUTER_FUSED_MAX_TOKENS`` tokens (ties between equal probabilities
+    go to the lower expert id), the reference ops beyond (cuBLAS; ``torch.topk``'s tie order).
+
+    Args:
+        h: ``[..., H]`` float32/float16/bfloat16 CUDA tensor, the residual stream entering the
+            FFN block; last dim contiguous. ``H`` a multiple of 16 bytes, at most 6144.
+        proj_weight: ``[E, H]`` router matrix, contiguous, dtype of ``h``; ``E <= 256``.
+        scale: ``[H]``, dtype of ``h``.
+        per_expert_scale: ``[E]``, dtype of ``h`` or float32.
+        top_k: experts per token, ``1 <= k <= min(32, E)``.
+        eps: RMSNorm epsilon.
+    Returns:
+        (weights ``[..., k]`` float32, idx ``[..., k]`` int64), sorted by descending probability.
+    """
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    check_cuda("moe_router", "h", h)
+    if h.numel() // h.shape[-1] > ROUTER_FUSED_MAX_TOKENS:
+        return _ref.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    return torch.ops.gemma4x.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t,j] * (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T``, ``e = idx[t,j]``.
+
+    fp32 sum over the k slots, rounded once to ``x.dtype``. Decode batches (``T*k <= 64``, see
+    :func:`decode_supported`) run the two decode kernels; anything else the reference
+    ``F.grouped_mm`` path, so every size is correct. Expert ids outside ``[0, E)`` contribute
+    nothing on the decode path.
+
+    Args:
+        x: ``[T, H]`` expert input (``pre_feedforward_layernorm_2`` output), CUDA.
+        idx: ``[T, k]`` int64 expert ids; weights: ``[T, k]`` float32 routing weights.
+        gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows), dtype of ``x``.
+        down_proj: ``[E, H, I]``, dtype of ``x``.
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+    check_cuda("moe_experts", "x", x)
+    if decode_supported(x, idx, gate_up_proj, down_proj):
+        return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
+    return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)
