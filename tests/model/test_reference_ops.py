@@ -127,6 +127,8 @@ def test_single_query_sdpa_matches_oracle(heads, window, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
     assert (b[2] == 0).all()
+    one = attention_sdpa_single_query(q[:1], k[:1], v[:1], q_pos[:1], k_pos[:1], window_left=window[0])
+    torch.testing.assert_close(one.float(), a[:1].float(), rtol=tol, atol=tol)  # batch 1 path
 
 
 def test_attention_mask_semantics():
