@@ -173,3 +173,76 @@ def make_checkpoint(cfg: dict, path: Path, seed: int = 0, *, legacy_json: bool =
         gen.update(generation)
         gen_path.write_text(json.dumps(gen, indent=2))
     return model
+
+
+# --------------------------------------------------------------------------------------
+# NVFP4 (NVIDIA ModelOpt) checkpoints
+
+
+def modelopt_export(cfg: dict, path: Path, algo: str | tuple[str, ...], seed: int = 0):
+    """Quantize a randomised HF model with NVIDIA ModelOpt (``mtq.<algo>``, e.g. ``NVFP4_DEFAULT_CFG``;
+    several presets have their ``quant_cfg`` lists concatenated, e.g. ``+ FP8_KV_CFG``) and write it with ModelOpt's ``export_hf_checkpoint``; returns the fp32 HF model *before*
+    quantization (a copy). Needs ``nvidia-modelopt``; runs on the CPU.
+
+    Two settings make ModelOpt 0.47 work on a model built from a config: the experts must
+    run HF's ``eager`` implementation (ModelOpt intercepts ``F.linear`` per expert; the default
+    ``grouped_mm`` bypasses it and leaves the expert quantizers uncalibrated), and
+    ``config.architectures`` must be set (its export reads it to detect multimodal models).
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    model = hf_model(cfg, seed)
+    original = copy.deepcopy(model)
+    model.set_experts_implementation("eager")
+    model.config.architectures = [type(model).__name__]
+    vocab = model.config.get_text_config().vocab_size
+
+    def calibrate(m):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(2):
+            m(torch.randint(3, vocab, (2, 12), generator=g))
+
+    presets = [getattr(mtq, a) for a in ((algo,) if isinstance(algo, str) else algo)]
+    qcfg = copy.deepcopy(presets[0])
+    qcfg["quant_cfg"] = [c for p in presets for c in p["quant_cfg"]]
+    with torch.no_grad():
+        mtq.quantize(model, qcfg, calibrate)
+        export_hf_checkpoint(model, export_dir=str(path))
+    return original
+
+
+def nvfp4_oracle(cfg: dict, path: Path, dequantize) -> torch.nn.Module:
+    """An fp32 HF model holding the dequantised weights of the NVFP4 checkpoint at ``path``.
+
+    ``dequantize(weight, weight_scale, weight_scale_2) -> fp32 [N, K]``. Per-expert tensors
+    are stacked back into ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj``.
+    """
+    import re
+
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    out, experts = {}, {}
+    for k, v in sd.items():
+        if k.endswith((".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")):
+            continue  # scales (FP8 KV-cache ones included) are not HF parameters
+        if k.endswith(".weight") and k[: -len("weight")] + "weight_scale" in sd:
+            b = k[: -len("weight")]
+            v = dequantize(v, sd[b + "weight_scale"], sd[b + "weight_scale_2"]).float()
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
+        else:
+            out[k] = v.float()
+    for base, d in experts.items():
+        n = 1 + max(e for e, _ in d)
+        out[base + ".gate_up_proj"] = torch.stack([torch.cat([d[(e, "gate")], d[(e, "up")]]) for e in range(n)])
+        out[base + ".down_proj"] = torch.stack([d[(e, "down")] for e in range(n)])
+    model = hf_model(cfg, seed=12345)
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    assert not unexpected, unexpected
+    assert all(k == "lm_head.weight" for k in missing), missing
+    return model.eval()

@@ -20,6 +20,12 @@ the page cache. Mind the disk: the GPU machines have 64 GiB free.
 Values are deterministic for a given (seed, device, tensor name), whatever the sharding;
 CPU and CUDA generators give different values.
 
+:func:`write_nvfp4_checkpoint` turns a BF16 checkpoint into an NVFP4 one in NVIDIA ModelOpt's
+export layout (``hf_quant_config.json``, ``config.json: quantization_config``, per-expert
+``experts.<e>.{gate,up,down}_proj.{weight,weight_scale,weight_scale_2}``), quantized by the
+reference quantizer exactly as ``Gemma4Runtime.from_pretrained(quantize=...)`` does: for
+tests and benchmarks without ModelOpt installed.
+
 :func:`write_tiny_tokenizer` writes a small byte-level BPE ``tokenizer.json`` (``<pad>``=0,
 ``<eos>``=1, ``<bos>``=2, ``<unk>``=3) so tiny demo checkpoints can take text prompts.
 """
@@ -40,7 +46,9 @@ from gemma4x.config import ModelConfig, load_config
 
 __all__ = [
     "TensorSpec",
+    "nvfp4_state_dict",
     "text_tensor_specs",
+    "write_nvfp4_checkpoint",
     "write_random_checkpoint",
     "write_safetensors",
     "write_tiny_tokenizer",
@@ -337,6 +345,108 @@ def write_random_checkpoint(
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# NVFP4 checkpoints in ModelOpt's layout
+# --------------------------------------------------------------------------------------
+
+
+def nvfp4_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of a (partly) NVFP4 text model under ModelOpt's names.
+
+    ``NVFP4Experts`` are split back into ``experts.<e>.{gate,up,down}_proj.{weight,
+    weight_scale,weight_scale_2[,input_scale]}`` (scalars 0-d); ``NVFP4Linear`` tensors and
+    everything else keep their names. Non-persistent buffers are not included.
+    """
+    from gemma4x.layers.moe import NVFP4Experts
+
+    out: dict[str, torch.Tensor] = {}
+    fused: set[str] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, NVFP4Experts):
+            continue
+        base = f"{prefix}{name}."
+        I = mod.intermediate_size
+        for pname, _ in mod.named_parameters(recurse=False):
+            fused.add(f"{name}.{pname}")
+        for e in range(mod.num_experts):
+            for h, proj in enumerate(("gate_proj", "up_proj")):
+                rows = slice(h * I, (h + 1) * I)
+                k = f"{base}{e}.{proj}."
+                out[k + "weight"] = mod.gate_up_weight[e, rows]
+                out[k + "weight_scale"] = mod.gate_up_weight_scale[e, rows]
+                out[k + "weight_scale_2"] = mod.gate_up_weight_scale_2[e, h]
+                if mod.gate_up_input_scale is not None:
+                    out[k + "input_scale"] = mod.gate_up_input_scale[e, h]
+            k = f"{base}{e}.down_proj."
+            out[k + "weight"] = mod.down_weight[e]
+            out[k + "weight_scale"] = mod.down_weight_scale[e]
+            out[k + "weight_scale_2"] = mod.down_weight_scale_2[e]
+            if mod.down_input_scale is not None:
+                out[k + "input_scale"] = mod.down_input_scale[e]
+    for name, t in model.state_dict().items():
+        if name not in fused:
+            out[prefix + name] = t
+    return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
+
+
+def write_nvfp4_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    scope: str = "experts",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Quantize the BF16 checkpoint at ``src_dir`` to NVFP4 and write it to ``out_dir`` in ModelOpt's layout.
+
+    Args:
+        src_dir: a gemma4x-loadable checkpoint (config.json + safetensors), not quantized.
+        out_dir: created if needed; gets ``config.json`` (with ``quantization_config``),
+            ``hf_quant_config.json``, ``model.safetensors`` and the source's
+            ``generation_config.json`` / ``tokenizer.json`` when present.
+        scope: ``"experts"`` (routed experts only) or ``"all"`` (see
+            :func:`gemma4x.config.nvfp4_quant_config`).
+        dtype: of the tensors left unquantized.
+        device: where the reference quantizer runs.
+
+    Weight-only (``W4A16_NVFP4``, no ``input_scale``): the quantized tensors are the ones
+    ModelOpt writes for the same weights (shared ``weight_scale_2`` per q/k/v, MLP gate/up
+    and expert gate/up groups), but no activations are calibrated. The text decoder only:
+    the KV weights of KV-shared layers, which the model never reads, are not written.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from gemma4x.config import HF_QUANT_CONFIG, load_config, nvfp4_quant_config
+    from gemma4x.loader import load_checkpoint
+    from gemma4x.models.text import Gemma4TextModel
+
+    src, out = Path(src_dir), Path(out_dir)
+    cfg = load_config(src)
+    if cfg.quantization is not None:
+        raise ValueError(f"{src} is already quantized ({cfg.quantization.quant_algo})")
+    quant = nvfp4_quant_config(cfg, scope)
+    with torch.device("meta"):
+        model = Gemma4TextModel(cfg.text, cfg.mm_placeholder_token_ids)
+    ignore = model.ignored_checkpoint_keys(cfg.weight_prefix)
+    load_checkpoint(model, src, prefix=cfg.weight_prefix, device=device, dtype=dtype, ignore_patterns=ignore)
+    model.quantize_(quant)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / INDEX_FILE, out / SINGLE_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    save_file(nvfp4_state_dict(model, cfg.weight_prefix), str(out / SINGLE_FILE), metadata={"format": "pt"})
+    config_json = dict(cfg.raw)
+    config_json["quantization_config"] = quant.quantization_config()
+    (out / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    (out / HF_QUANT_CONFIG).write_text(json.dumps(quant.hf_quant_config(), indent=4) + "\n")
+    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (src / extra).is_file() and src.resolve() != out.resolve():
+            shutil.copyfile(src / extra, out / extra)
     return out
 
 

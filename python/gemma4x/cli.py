@@ -127,12 +127,14 @@ def _sampling(args) -> dict:
     }
 
 
-def _load_runtime(model_dir: Path, device: torch.device, dtype: torch.dtype, *, batch: int, max_seq_len: int):
+def _load_runtime(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, *, batch: int, max_seq_len: int, quantize=None
+):
     from gemma4x.runtime import Gemma4Runtime
 
     t0 = time.perf_counter()
     runtime = Gemma4Runtime.from_pretrained(
-        model_dir, device=device, dtype=dtype, max_batch_size=batch, max_seq_len=max_seq_len
+        model_dir, device=device, dtype=dtype, max_batch_size=batch, max_seq_len=max_seq_len, quantize=quantize
     )
     _sync(device)
     return runtime, time.perf_counter() - t0
@@ -166,7 +168,9 @@ def _cmd_generate(args) -> int:
         ids = _parse_token_ids(args.token_ids)
     max_seq_len = args.max_seq_len or len(ids) + args.max_new_tokens
 
-    runtime, load_s = _load_runtime(model_dir, device, dtype, batch=1, max_seq_len=max_seq_len)
+    runtime, load_s = _load_runtime(
+        model_dir, device, dtype, batch=1, max_seq_len=max_seq_len, quantize=args.quantize
+    )
     results, timing = _timed_generate(runtime, [ids], max_new_tokens=args.max_new_tokens, **_sampling(args))
     out = results[0]
 
@@ -221,7 +225,9 @@ def _cmd_demo(args) -> int:
             prompts = [list(p) for p in DEMO_TOKEN_PROMPTS]
             labels = [",".join(map(str, p)) for p in prompts]
         max_seq_len = max(len(p) for p in prompts) + args.max_new_tokens
-        runtime, load_s = _load_runtime(out, device, dtype, batch=len(prompts), max_seq_len=max_seq_len)
+        runtime, load_s = _load_runtime(
+            out, device, dtype, batch=len(prompts), max_seq_len=max_seq_len, quantize=args.quantize
+        )
         print(f"loaded with Gemma4Runtime.from_pretrained on {device.type} ({str(dtype).removeprefix('torch.')}) "
               f"in {load_s:.2f} s")  # fmt: skip
         results, timing = _timed_generate(runtime, prompts, max_new_tokens=args.max_new_tokens, **_sampling(args))
@@ -259,6 +265,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, max_new_tokens: int, tempera
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--quantize", choices=("nvfp4", "nvfp4-all"), default=None,
+                   help="quantize BF16 weights to NVFP4 while loading: nvfp4 = routed experts, "
+                        "nvfp4-all = every decoder linear (default: as stored)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,14 @@ Public names:
   ``kv_sharing`` (None/"store"/"reuse"), ``kv_source_layer``, ``has_v_proj``; ``rope``
   (layer type -> RopeConfig) and the attention-window semantics ``attention_window(l)``.
 - ``ModelConfig``: ``model_type``, ``text`` (a TextConfig), ``weight_prefix`` of the text
-  weights in the checkpoint, multimodal placeholder ids, and the ``raw`` JSON dict.
+  weights in the checkpoint, multimodal placeholder ids, ``quantization`` (a QuantConfig
+  or None) and the ``raw`` JSON dict.
+- ``QuantConfig``: an NVFP4 checkpoint's quantization (ModelOpt ``hf_quant_config.json`` or
+  ``config.json: quantization_config``): ``quant_algo``, ``group_size``, the
+  ``exclude_modules`` globs, and ``modules``, the text-decoder modules stored in NVFP4
+  (names relative to the weight prefix; also in ``TextConfig.nvfp4_modules``).
+- ``nvfp4_quant_config(cfg, scope)``: the QuantConfig of quantizing a BF16 checkpoint at
+  load (``scope`` ``"experts"`` or ``"all"``), with ModelOpt's exclude list for that choice.
 - ``load_config(path_or_dict)``: a checkpoint directory, a ``config.json`` path or an
   already parsed dict -> ``ModelConfig``. Raises ``ValueError`` naming the bad field.
 - ``parse_text_config(dict)``: the text part alone -> ``TextConfig``.
@@ -26,6 +33,8 @@ Public names:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
@@ -143,6 +152,17 @@ class TextConfig:
     kv_source_layer: tuple[int, ...]
     has_v_proj: tuple[bool, ...]
     rope: Mapping[str, RopeConfig] = field(default_factory=dict)
+    # Modules stored in NVFP4 (names as in the model: "layers.3.experts", "layers.0.self_attn.q_proj");
+    # filled from ModelConfig.quantization, empty for BF16 checkpoints.
+    nvfp4_modules: frozenset[str] = frozenset()
+    nvfp4_group_size: int = 16
+    nvfp4_input_scales: bool = True  # W4A4 exports carry input_scale; W4A16 ones do not
+    # The export's KV-cache quantization ("FP8": k_proj.k_scale / v_proj.v_scale tensors). Our
+    # KV cache stays in the model dtype, so those scales are read past (ignored), not used.
+    kv_cache_quant_algo: str | None = None
+
+    def is_nvfp4(self, module: str) -> bool:
+        return module in self.nvfp4_modules
 
     @property
     def has_ple(self) -> bool:
@@ -189,6 +209,186 @@ class ModelConfig:
     weight_prefix: str  # prefix of the text decoder's tensor names in the checkpoint
     mm_placeholder_token_ids: tuple[int, ...]  # ids the text model maps to pad (gemma4 only)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    quantization: QuantConfig | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Quantization (NVIDIA ModelOpt NVFP4 exports)
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+# quant_algo -> whether its linears carry an activation `input_scale` (W4A4) or not (W4A16).
+_NVFP4_ALGOS = {"NVFP4": True, "W4A16_NVFP4": False}
+QUANT_SCOPES = ("experts", "all")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a checkpoint's linears are quantized (ModelOpt NVFP4).
+
+    ``exclude_modules`` are ModelOpt's ``fnmatch`` globs on full HF module names
+    (``model.layers.0.self_attn*``, ``lm_head``); a quantizable module is NVFP4 unless one
+    matches. ``modules`` is the resolved result, relative to the text weight prefix.
+    Quantizable: attention q/k/v/o, MLP gate/up/down, the routed experts (one module per
+    layer), the per-layer-embedding linears. Router, embeddings and the tied LM head are
+    always BF16.
+    """
+
+    quant_algo: str  # "NVFP4" (W4A4: with input_scale) or "W4A16_NVFP4"
+    group_size: int
+    exclude_modules: tuple[str, ...]
+    modules: frozenset[str]
+    source: str  # where it came from: "hf_quant_config.json", "config.json", "quantized at load (experts)"
+    # "FP8" when the export also calibrated an FP8 KV cache (its k_scale / v_scale are ignored).
+    kv_cache_quant_algo: str | None = None
+
+    @property
+    def has_input_scales(self) -> bool:
+        return _NVFP4_ALGOS[self.quant_algo]
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The ``config.json: quantization_config`` entry ModelOpt 0.47 writes for this quantization."""
+        fmt = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": self.group_size}
+        group: dict[str, Any] = {"weights": dict(fmt), "targets": ["Linear"]}
+        if self.has_input_scales:
+            group = {"input_activations": dict(fmt), **group}
+        doc: dict[str, Any] = {
+            "config_groups": {"group_0": group},
+            "ignore": list(self.exclude_modules),
+            "quant_algo": self.quant_algo,
+            "producer": {"name": "gemma4x", "version": "0"},
+            "quant_method": "modelopt",
+        }
+        if self.kv_cache_quant_algo == "FP8":
+            doc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        return doc
+
+    def hf_quant_config(self) -> dict[str, Any]:
+        """The ``hf_quant_config.json`` document ModelOpt writes for this quantization."""
+        return {
+            "producer": {"name": "gemma4x", "version": "0"},
+            "quantization": {
+                "quant_algo": self.quant_algo,
+                "kv_cache_quant_algo": self.kv_cache_quant_algo,
+                "group_size": self.group_size,
+                "exclude_modules": list(self.exclude_modules),
+            },
+        }
+
+
+def _quantizable(text: TextConfig) -> dict[str, dict[str, int]]:
+    """Module name -> its reduction widths (``K`` of each GEMM, by config field), in module order."""
+    H, P = text.hidden_size, text.hidden_size_per_layer_input
+    out: dict[str, dict[str, int]] = {}
+    for i in range(text.num_hidden_layers):
+        q = f"layers.{i}."
+        projs = ["q_proj"]
+        if text.kv_sharing[i] != "reuse":
+            projs.append("k_proj")
+            if text.has_v_proj[i]:
+                projs.append("v_proj")
+        for p in projs:
+            out[f"{q}self_attn.{p}"] = {"hidden_size": H}
+        out[f"{q}self_attn.o_proj"] = {"num_attention_heads*head_dim": text.num_attention_heads * text.head_dims[i]}
+        out[f"{q}mlp.gate_proj"] = out[f"{q}mlp.up_proj"] = {"hidden_size": H}
+        out[f"{q}mlp.down_proj"] = {"intermediate_size": text.intermediate_sizes[i]}
+        if text.has_ple:
+            out[f"{q}per_layer_input_gate"] = {"hidden_size": H}
+            out[f"{q}per_layer_projection"] = {"hidden_size_per_layer_input": P}
+        if text.enable_moe_block:
+            out[f"{q}experts"] = {"hidden_size": H, "moe_intermediate_size": text.moe_intermediate_size}
+    if text.has_ple:
+        out["per_layer_model_projection"] = {"hidden_size": H}
+    return out
+
+
+def quantizable_modules(text: TextConfig) -> list[str]:
+    """Every module of the text decoder that an NVFP4 checkpoint may store quantized, in order."""
+    return list(_quantizable(text))
+
+
+def _resolve_quant(text: TextConfig, prefix: str, algo: str, group: int, exclude, source: str) -> QuantConfig:
+    modules = []
+    for m, widths in _quantizable(text).items():
+        if any(fnmatch.fnmatchcase(prefix + m, g) for g in exclude):
+            continue
+        modules.append(m)
+        for what, k in widths.items():  # NVFP4 packs K in blocks of group_size
+            if k % group:
+                raise _err("quantization", f"module {prefix + m!r}: {what}={k} is not a multiple of group_size {group}")
+    return QuantConfig(algo, group, tuple(exclude), frozenset(modules), source)
+
+
+def parse_quant_config(doc: Mapping[str, Any], text: TextConfig, prefix: str, source: str) -> QuantConfig:
+    """A ModelOpt quantization description -> QuantConfig.
+
+    ``doc`` is either ``hf_quant_config.json`` (``{"quantization": {quant_algo, group_size,
+    exclude_modules, kv_cache_quant_algo}}``) or ``config.json``'s ``quantization_config``
+    (``quant_method: modelopt``; ``exclude_modules`` or ``ignore``; ``group_size`` or
+    ``config_groups.*.weights.group_size``).
+    """
+    name = "quantization" if source == HF_QUANT_CONFIG else "quantization_config"
+    q = doc.get("quantization", doc) if source == HF_QUANT_CONFIG else doc
+    if not isinstance(q, Mapping):
+        raise _err(name, f"must be an object, got {q!r}")
+    method = q.get("quant_method", "modelopt")
+    if method != "modelopt":
+        raise _err(f"{name}.quant_method", f"unsupported {method!r}; only NVIDIA ModelOpt NVFP4 exports load")
+    algo = q.get("quant_algo")
+    if algo not in _NVFP4_ALGOS:
+        raise _err(f"{name}.quant_algo", f"unsupported {algo!r}; supported: {sorted(_NVFP4_ALGOS)}")
+    kv = q.get("kv_cache_quant_algo")
+    scheme = q.get("kv_cache_scheme")  # config.json form: {"num_bits": 8, "type": "float", ...}
+    if kv is None and isinstance(scheme, Mapping) and (scheme.get("type"), scheme.get("num_bits")) == ("float", 8):
+        kv = "FP8"
+    if kv not in (None, "FP8"):
+        raise _err(f"{name}.kv_cache_quant_algo", f"unsupported KV-cache quantization {kv!r} (supported: FP8, null)")
+    group = q.get("group_size")
+    if group is None:
+        groups = [g.get("weights", {}).get("group_size") for g in (q.get("config_groups") or {}).values()
+                  if isinstance(g, Mapping)]  # fmt: skip
+        group = groups[0] if groups else None
+    if group != 16:
+        raise _err(f"{name}.group_size", f"NVFP4 uses blocks of 16, got {group!r}")
+    exclude = q.get("exclude_modules", q.get("ignore")) or []
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(g, str) for g in exclude):
+        raise _err(f"{name}.exclude_modules", f"must be a list of glob strings, got {exclude!r}")
+    return dataclasses.replace(_resolve_quant(text, prefix, algo, group, exclude, source), kv_cache_quant_algo=kv)
+
+
+def nvfp4_quant_config(cfg: ModelConfig, scope: str) -> QuantConfig:
+    """Quantizing a BF16 checkpoint at load: ``"experts"`` (the routed experts, like the
+    released 26B-A4B NVFP4) or ``"all"`` (every quantizable linear). The exclude list is the
+    one a ModelOpt export of that choice writes; activations are not calibrated, so the
+    modules carry no ``input_scale`` (weight-only, ``W4A16_NVFP4``)."""
+    if scope not in QUANT_SCOPES:
+        raise ValueError(f"NVFP4 scope must be one of {QUANT_SCOPES}, got {scope!r}")
+    text, p = cfg.text, cfg.weight_prefix
+    if scope == "experts" and not text.enable_moe_block:
+        raise ValueError("quantizing the experts needs an MoE model (enable_moe_block); use the 'all' scope")
+    # ModelOpt lists every non-quantized module group of each layer, sorted as strings.
+    groups = ("mlp", "router", "self_attn") + (("per_layer",) if text.has_ple else ())
+    if scope == "all":
+        groups = ("router",)
+    exclude = ["lm_head"] + [f"{p}layers.{i}.{m}*" for i in range(text.num_hidden_layers) for m in groups]
+    if scope == "experts" and text.has_ple:
+        exclude.append(f"{p}per_layer_model_projection*")
+    return _resolve_quant(text, p, "W4A16_NVFP4", 16, sorted(exclude), f"quantized at load ({scope})")
+
+
+def with_quantization(cfg: ModelConfig, quant: QuantConfig | None) -> ModelConfig:
+    """``cfg`` with ``quant`` applied (the model then builds NVFP4 modules for ``quant.modules``)."""
+    text = cfg.text
+    if quant is not None:
+        text = dataclasses.replace(
+            text,
+            nvfp4_modules=quant.modules,
+            nvfp4_group_size=quant.group_size,
+            nvfp4_input_scales=quant.has_input_scales,
+            kv_cache_quant_algo=quant.kv_cache_quant_algo,
+        )
+    else:
+        text = dataclasses.replace(text, nvfp4_modules=frozenset())
+    return dataclasses.replace(cfg, text=text, quantization=quant)
 
 
 # --------------------------------------------------------------------------------------
@@ -475,6 +675,7 @@ def parse_text_config(text: Mapping[str, Any]) -> TextConfig:
 
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> ModelConfig:
     """Read a checkpoint directory, a ``config.json`` path, or a parsed dict into a ModelConfig."""
+    quant_doc: dict | None = None  # hf_quant_config.json wins over config.json (as in vLLM)
     if isinstance(path_or_dict, Mapping):
         raw = copy.deepcopy(dict(path_or_dict))
     else:
@@ -487,6 +688,12 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> ModelConfig:
             raw = json.load(f)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        hf_quant = path.parent / HF_QUANT_CONFIG
+        if hf_quant.is_file():
+            with open(hf_quant, encoding="utf-8") as f:
+                quant_doc = json.load(f)
+            if not isinstance(quant_doc, dict):
+                raise ValueError(f"{hf_quant}: expected a JSON object, got {type(quant_doc).__name__}")
 
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -506,10 +713,19 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> ModelConfig:
         text_raw = raw
         mm = ()
     text = parse_text_config(text_raw)
-    return ModelConfig(
+    cfg = ModelConfig(
         model_type=model_type,
         text=text,
         weight_prefix=_WEIGHT_PREFIX[model_type],
         mm_placeholder_token_ids=mm,
         raw=raw,
     )
+    quant = None
+    if quant_doc is not None:
+        quant = parse_quant_config(quant_doc, text, cfg.weight_prefix, HF_QUANT_CONFIG)
+    elif raw.get("quantization_config") is not None:
+        qc = raw["quantization_config"]
+        if not isinstance(qc, Mapping):
+            raise _err("quantization_config", f"must be an object, got {qc!r}")
+        quant = parse_quant_config(qc, text, cfg.weight_prefix, "config.json")
+    return with_quantization(cfg, quant) if quant is not None else cfg

@@ -10,8 +10,17 @@ Contract with the model (``models/``) and the runtime's ``from_pretrained``:
   ``load_checkpoint(model, path, prefix=..., device=..., dtype=..., ignore_patterns=...)``.
 * Every parameter and every *persistent* buffer ``name`` is read from the checkpoint key
   ``prefix + name``. Floating-point tensors are materialised in ``dtype``; integer and bool
-  tensors keep the dtype they were declared with. Tied parameters (one tensor under several
-  names) stay tied: any one of their names present in the checkpoint fills them.
+  tensors keep the dtype they were declared with, and so does any tensor marked
+  ``keep_dtype = True`` (quantized weights and their scales: uint8, float8_e4m3fn, fp32).
+  A ``keep_dtype`` tensor needs exactly its dtype in the checkpoint, except that a float
+  one (fp32 scales) accepts any of F16/BF16/F32/F64. Tied parameters (one tensor under
+  several names) stay tied: any one of their names present in the checkpoint fills them.
+* Many keys into one tensor: a tensor carrying ``checkpoint_parts`` (a list of
+  :class:`CheckpointPart`) is filled from those keys instead of its own name, each part
+  by its own ``load(param, tensor)`` (typically a slice copy). Part keys are relative to
+  the module that owns the tensor: per-expert NVFP4 tensors
+  ``layers.3.experts.<e>.gate_proj.weight`` fill one fused ``layers.3.experts.gate_up_weight``.
+  Missing/unexpected/shape/dtype checks apply to every part as to any key.
 * A parameter (or buffer) carrying a ``weight_loader(param, tensor)`` attribute is filled by
   that callable instead of ``param.copy_(tensor)``; ``tensor`` is the checkpoint tensor on
   the target device in its checkpoint dtype. The shape checked against the checkpoint is
@@ -38,14 +47,21 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "TensorEntry", "load_checkpoint", "read_safetensors_header", "scan_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointPart",
+    "TensorEntry",
+    "load_checkpoint",
+    "read_safetensors_header",
+    "scan_checkpoint",
+]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,6 +103,19 @@ _QUANT_CODES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
 
 class CheckpointError(ValueError):
     """The checkpoint cannot fill the model: a tensor or file is missing, extra, malformed or mismatched."""
+
+
+@dataclass(frozen=True)
+class CheckpointPart:
+    """One checkpoint key feeding part of a model tensor (see ``checkpoint_parts`` above).
+
+    ``key`` is relative to the owning module (``"0.gate_proj.weight"``), ``shape`` the
+    checkpoint tensor's shape, and ``load(param, tensor)`` writes it into ``param``.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    load: Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -288,16 +317,27 @@ def _add_alias(by_id, t, name, module, attr, *, is_param, persistent) -> None:
 
 
 def _target_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if getattr(t, "keep_dtype", False):
+        return t.dtype
     return dtype if t.is_floating_point() else t.dtype
 
 
-def _dtype_problem(entry: TensorEntry, want: torch.dtype) -> str | None:
-    """Why a checkpoint tensor cannot fill a tensor of dtype ``want``, or None if it can."""
+def _dtype_problem(entry: TensorEntry, want: torch.dtype, exact: bool = False) -> str | None:
+    """Why a checkpoint tensor cannot fill a tensor of dtype ``want``, or None if it can.
+
+    ``exact``: a ``keep_dtype`` tensor (quantized storage): the checkpoint must hold that dtype.
+    """
     code = entry.dtype
+    if exact and not (want.is_floating_point and want.itemsize >= 2):
+        have = _ST_DTYPES[code][1]
+        if have != want:
+            return f"checkpoint dtype {code} ({have}), expected exactly {want} for this quantized tensor"
+        return None
     if code in _QUANT_CODES or (code == "U8" and want.is_floating_point):
         return (
-            f"checkpoint dtype {code} is a quantized storage format; quantized checkpoints are "
-            f"not supported yet (expected one of {sorted(_FLOAT_CODES)})"
+            f"checkpoint dtype {code} is a quantized storage format but the model expects a {want} "
+            f"tensor here (expected one of {sorted(_FLOAT_CODES)}): is the module missing from the "
+            "quantization config, or listed in its exclude_modules?"
         )
     if want.is_floating_point:
         if code not in _FLOAT_CODES:
@@ -316,6 +356,10 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+# One checkpoint read: the target it fills, the entry, and a loader replacing the default fill.
+_Read = tuple[_Target, TensorEntry, "Callable[[torch.Tensor, torch.Tensor], None] | None"]
+
+
 def _plan(
     targets: list[_Target],
     entries: dict[str, TensorEntry],
@@ -323,14 +367,39 @@ def _plan(
     dtype: torch.dtype,
     ignore: list[re.Pattern[str]],
     where: Path,
-) -> list[tuple[_Target, TensorEntry]]:
-    """Pair every persistent target with its checkpoint entry; one error listing every problem."""
-    plan: list[tuple[_Target, TensorEntry]] = []
+) -> list[_Read]:
+    """Pair every persistent target with its checkpoint entries; one error listing every problem."""
+    plan: list[_Read] = []
     consumed: set[str] = set()
     missing: list[str] = []
     problems: list[str] = []
+
+    def check(target: _Target, entry: TensorEntry, want_shape: tuple[int, ...]) -> None:
+        loc = f"{entry.name!r} in {entry.file}"
+        if entry.shape != want_shape:
+            problems.append(
+                f"shape mismatch for {loc}: checkpoint {list(entry.shape)}, model expects {list(want_shape)}"
+            )
+        exact = bool(getattr(target.meta, "keep_dtype", False))
+        why = _dtype_problem(entry, _target_dtype(target.meta, dtype), exact)
+        if why:
+            problems.append(f"unusable dtype for {loc}: {why}")
+
     for target in targets:
         if not target.persistent:
+            continue
+        parts = getattr(target.meta, "checkpoint_parts", None)
+        if parts is not None:
+            module = target.names[0].rpartition(".")[0]
+            base = prefix + (f"{module}." if module else "")
+            for part in parts:
+                key = base + part.key
+                if key not in entries:
+                    missing.append(key)
+                    continue
+                consumed.add(key)
+                check(target, entries[key], tuple(part.shape))
+                plan.append((target, entries[key], part.load))
             continue
         keys = [prefix + n for n in target.names]
         found = [k for k in keys if k in entries]
@@ -340,16 +409,8 @@ def _plan(
         consumed.update(found)  # every alias of a tied tensor present in the file is accounted for
         entry = entries[found[0]]
         declared = getattr(target.meta, "checkpoint_shape", None)
-        want_shape = tuple(target.meta.shape if declared is None else declared)
-        loc = f"{entry.name!r} in {entry.file}"
-        if entry.shape != want_shape:
-            problems.append(
-                f"shape mismatch for {loc}: checkpoint {list(entry.shape)}, model expects {list(want_shape)}"
-            )
-        why = _dtype_problem(entry, _target_dtype(target.meta, dtype))
-        if why:
-            problems.append(f"unusable dtype for {loc}: {why}")
-        plan.append((target, entry))
+        check(target, entry, tuple(target.meta.shape if declared is None else declared))
+        plan.append((target, entry, None))
 
     unexpected = [
         f"{k} (in {e.file.name})"
@@ -366,6 +427,12 @@ def _plan(
         )
     if problems:
         parts.append(f"{len(problems)} tensors do not fit:\n    " + "\n    ".join(problems[:_MAX_LISTED]))
+    if any(u.split(" ")[0].endswith(".weight_scale_2") for u in unexpected):
+        parts.append(
+            "hint: the unexpected tensors include NVFP4 scales (weight_scale_2) that no model tensor takes: "
+            "does the checkpoint's hf_quant_config.json / config.json quantization_config exclude_modules "
+            "cover modules that are quantized, or is the quantization config missing?"
+        )
     if parts:
         raise CheckpointError(f"cannot load checkpoint {where} (key prefix {prefix!r}):\n  " + "\n  ".join(parts))
     return plan
@@ -407,8 +474,8 @@ def _open(file: Path, device: torch.device):
         raise CheckpointError(f"cannot open checkpoint file {file}: {exc}") from exc
 
 
-def _fill(param: torch.Tensor, tensor: torch.Tensor, entry: TensorEntry) -> None:
-    loader = getattr(param, "weight_loader", None)
+def _fill(param: torch.Tensor, tensor: torch.Tensor, entry: TensorEntry, loader=None) -> None:
+    loader = loader or getattr(param, "weight_loader", None)
     try:
         with torch.no_grad():
             if loader is not None:
@@ -477,7 +544,7 @@ def load_checkpoint(
 
     # Read file by file in on-disk order: sequential I/O, each file opened once.
     plan.sort(key=lambda te: (str(te[1].file), te[1].offset))
-    total = sum(e.nbytes for _, e in plan)
+    total = sum(e.nbytes for _, e, _ in plan)
     show = progress if progress is not None else total > _PROGRESS_MIN_BYTES
     bar = None
     if show:
@@ -487,12 +554,12 @@ def load_checkpoint(
     try:
         for file, group in itertools.groupby(plan, key=lambda te: te[1].file):
             with _open(file, device) as handle:
-                for target, entry in group:
+                for target, entry, part_loader in group:
                     try:
                         tensor = handle.get_tensor(entry.name)
                     except Exception as exc:  # I/O error, or the file changed since it was scanned
                         raise CheckpointError(f"reading {entry.name!r} from {file} failed: {exc}") from exc
-                    _fill(real[id(target)], tensor, entry)
+                    _fill(real[id(target)], tensor, entry, part_loader)
                     del tensor  # at most one checkpoint tensor alive at a time
                     if bar is not None:
                         bar.update(entry.nbytes)

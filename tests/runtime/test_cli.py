@@ -129,3 +129,13 @@ def test_demo_without_the_tokenizers_package(capsys, monkeypatch):
     rc, out, err = _run(capsys, "demo", "--device", "cpu", "--max-new-tokens", "3")
     assert rc == 0, err
     assert "no tokenizer" in out and "ids:" in out and "text:" not in out and "tok/s" in out
+
+
+def test_generate_quantized_at_load(tiny_dir, capsys):
+    rc, out, err = _run(capsys, "generate", "--model", str(tiny_dir), "--token-ids", "2,10,20,30",
+                        "--max-new-tokens", "4", "--device", "cpu", "--quantize", "nvfp4")  # fmt: skip
+    assert rc == 0, err
+    assert 1 <= len(out.strip().split(",")) <= 4
+    rc, _, err = _run(capsys, "generate", "--model", str(tiny_dir), "--token-ids", "2",
+                      "--device", "cpu", "--quantize", "int4")  # fmt: skip
+    assert rc == 2 and "--quantize" in err

@@ -23,7 +23,7 @@ from torch import nn
 
 from gemma4x.config import TextConfig
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import Linear
+from gemma4x.layers.linear import make_linear
 from gemma4x.layers.norm import RMSNorm
 
 KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K [B, Tk, nKV, d], V, k_pos [B, Tk]
@@ -53,14 +53,22 @@ class Attention(nn.Module):
         self.is_reuse = cfg.kv_sharing[layer] == "reuse"
         self.window_left, self.window_right = cfg.attention_window(layer)
         bias = cfg.attention_bias
-        self.q_proj = Linear(H, nH * d, bias)
+
+        def linear(name: str, in_f: int, out_f: int):  # BF16, or NVFP4 when the checkpoint says so
+            return make_linear(
+                in_f, out_f, bias,
+                nvfp4=cfg.is_nvfp4(f"layers.{layer}.self_attn.{name}"),
+                input_scale=cfg.nvfp4_input_scales, group_size=cfg.nvfp4_group_size,
+            )  # fmt: skip
+
+        self.q_proj = linear("q_proj", H, nH * d)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         if not self.is_reuse:
-            self.k_proj = Linear(H, nkv * d, bias)
-            self.v_proj = Linear(H, nkv * d, bias) if cfg.has_v_proj[layer] else None
+            self.k_proj = linear("k_proj", H, nkv * d)
+            self.v_proj = linear("v_proj", H, nkv * d) if cfg.has_v_proj[layer] else None
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
-        self.o_proj = Linear(nH * d, H, bias)
+        self.o_proj = linear("o_proj", nH * d, H)
 
     def _run(
         self,

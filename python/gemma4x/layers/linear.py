@@ -1,7 +1,17 @@
-"""Plain linear layer ``y = x @ W^T (+ b)`` in the weight dtype (bf16 in, fp32 accumulate, bf16 out).
+"""Linear layers: BF16 ``y = x @ W^T (+ b)`` and NVFP4 (ModelOpt layout), with a factory.
 
-NVFP4 weights will get their own class here; this one keeps HF's ``nn.Linear`` layout
-(``weight [out, in]``) so checkpoint tensors load 1:1.
+``Linear`` keeps HF's ``nn.Linear`` layout (``weight [out, in]``) so checkpoint tensors load 1:1.
+
+``NVFP4Linear`` holds one ModelOpt NVFP4 linear exactly as exported (names equal the
+checkpoint's): ``weight`` uint8 ``[N, K/2]`` (two e2m1 codes per byte, low nibble = even k),
+``weight_scale`` float8_e4m3fn ``[N, K/16]``, ``weight_scale_2`` fp32 scalar and, for W4A4
+exports, ``input_scale`` fp32 scalar (the activation global scale; unused by the reference)::
+
+    W = e2m1(weight) * fp32(weight_scale) * weight_scale_2        (reference.quant.nvfp4_dequantize)
+    y = x @ W^T (+ b)                                             W cast to x.dtype, one rounding
+
+``forward_native`` dequantizes and runs the matmul (the CPU path, and the oracle). ``forward``
+does the same until the CUDA NVFP4 GEMMs of issue 5 (SM90 W4A16, SM100 block-scaled) plug in.
 """
 
 from __future__ import annotations
@@ -9,6 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
+
+
+def quant_param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    """A parameter the loader fills in its own dtype (quantized storage, fp32 scales)."""
+    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    p.keep_dtype = True
+    return p
 
 
 class Linear(nn.Module):
@@ -27,3 +46,77 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class NVFP4Linear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        input_scale: bool = True,
+        group_size: int = NVFP4_BLOCK,
+    ):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"NVFP4Linear: in_features={in_features} is not a multiple of {group_size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.weight = quant_param((out_features, in_features // 2), torch.uint8)
+        self.weight_scale = quant_param((out_features, in_features // group_size), torch.float8_e4m3fn)
+        self.weight_scale_2 = quant_param((), torch.float32)
+        self.input_scale = quant_param((), torch.float32) if input_scale else None
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: Linear, global_scale: torch.Tensor | None = None) -> NVFP4Linear:
+        """Quantize a loaded BF16 ``Linear`` (weight-only: no ``input_scale``) with the reference quantizer."""
+        w = linear.weight
+        with torch.device("meta"):  # every tensor is replaced below
+            out = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale=False)
+        packed, scale, g = nvfp4_quantize(w, global_scale)
+        out.weight = as_quant_param(packed)
+        out.weight_scale = as_quant_param(scale)
+        out.weight_scale_2 = as_quant_param(g.reshape(()))
+        out.bias = linear.bias
+        return out
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The CUDA NVFP4 GEMMs (issue 5) replace this; until then, the reference path everywhere.
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, nvfp4"
+
+
+def as_quant_param(t: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(t, requires_grad=False)
+    p.keep_dtype = True
+    return p
+
+
+def make_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = False,
+    *,
+    nvfp4: bool = False,
+    input_scale: bool = True,
+    group_size: int = NVFP4_BLOCK,
+) -> Linear | NVFP4Linear:
+    """A BF16 ``Linear``, or an ``NVFP4Linear`` when the checkpoint stores this module in NVFP4."""
+    if nvfp4:
+        return NVFP4Linear(in_features, out_features, bias, input_scale=input_scale, group_size=group_size)
+    return Linear(in_features, out_features, bias)
+
+
+__all__ = ["Linear", "NVFP4Linear", "as_quant_param", "make_linear", "quant_param"]

@@ -1,20 +1,38 @@
-"""GeGLU MLP: ``down( gelu_tanh(gate(x)) * up(x) )`` with separate gate/up/down weights."""
+"""GeGLU MLP: ``down( gelu_tanh(gate(x)) * up(x) )`` with separate gate/up/down weights.
+
+``nvfp4`` names the projections the checkpoint stores in NVFP4 (``{"gate_proj", ...}``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import Linear
+from gemma4x.layers.linear import make_linear
 
 
 class GegluMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        nvfp4: Collection[str] = (),
+        input_scale: bool = True,
+        group_size: int = 16,
+    ):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size)
-        self.up_proj = Linear(hidden_size, intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        H, I = hidden_size, intermediate_size
+
+        def linear(name: str, in_f: int, out_f: int):
+            return make_linear(in_f, out_f, nvfp4=name in nvfp4, input_scale=input_scale, group_size=group_size)
+
+        self.gate_proj = linear("gate_proj", H, I)
+        self.up_proj = linear("up_proj", H, I)
+        self.down_proj = linear("down_proj", I, H)
 
     def _run(self, x: torch.Tensor, native: bool) -> torch.Tensor:
         ops = ops_for(x, native)

@@ -5,6 +5,19 @@ over the top-k, times ``per_expert_scale[i]``. Experts: ``sum_j w_j * GeGLU_{i_j
 an fp32 sum over the k slots. Parameter names follow the checkpoint
 (``router.proj.weight``, ``router.scale``, ``router.per_expert_scale``,
 ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``).
+
+``NVFP4Experts`` holds the routed experts of a ModelOpt NVFP4 export: the checkpoint's
+per-expert tensors ``experts.<e>.{gate,up,down}_proj.{weight,weight_scale,weight_scale_2,
+input_scale}`` fused per layer (gate rows first, as in ``gate_up_proj``)::
+
+    gate_up_weight        uint8          [E, 2I, H/2]     down_weight        uint8  [E, H, I/2]
+    gate_up_weight_scale  float8_e4m3fn  [E, 2I, H/16]    down_weight_scale  e4m3   [E, H, I/16]
+    gate_up_weight_scale_2 fp32          [E, 2] (gate, up)  down_weight_scale_2 fp32 [E]
+    gate_up_input_scale   fp32           [E, 2]           down_input_scale   fp32   [E]   (W4A4 exports)
+
+ModelOpt gives an expert's gate and up one shared ``weight_scale_2`` and all experts one
+``input_scale`` per projection; the layout keeps each checkpoint scalar anyway. The reference
+path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op.
 """
 
 from __future__ import annotations
@@ -13,7 +26,9 @@ import torch
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import Linear
+from gemma4x.layers.linear import Linear, as_quant_param, quant_param
+from gemma4x.loader import CheckpointPart
+from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
 
 
 class Router(nn.Module):
@@ -55,3 +70,108 @@ class Experts(nn.Module):
 
     def forward_native(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self._run(x, weights, idx, native=True)
+
+
+def _into(index):
+    """A part loader writing one checkpoint tensor into ``param[index]``."""
+
+    def load(param: torch.Tensor, tensor: torch.Tensor) -> None:
+        param[index].copy_(tensor)
+
+    return load
+
+
+class NVFP4Experts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        input_scale: bool = True,
+        group_size: int = NVFP4_BLOCK,
+    ):
+        super().__init__()
+        E, H, I, g = num_experts, hidden_size, intermediate_size, group_size
+        for what, k in (("hidden_size", H), ("intermediate_size", I)):
+            if k % g:
+                raise ValueError(f"NVFP4Experts: {what}={k} is not a multiple of {g}")
+        self.num_experts, self.hidden_size, self.intermediate_size, self.group_size = E, H, I, g
+        self.gate_up_weight = quant_param((E, 2 * I, H // 2), torch.uint8)
+        self.gate_up_weight_scale = quant_param((E, 2 * I, H // g), torch.float8_e4m3fn)
+        self.gate_up_weight_scale_2 = quant_param((E, 2), torch.float32)
+        self.down_weight = quant_param((E, H, I // 2), torch.uint8)
+        self.down_weight_scale = quant_param((E, H, I // g), torch.float8_e4m3fn)
+        self.down_weight_scale_2 = quant_param((E,), torch.float32)
+        self.gate_up_input_scale = quant_param((E, 2), torch.float32) if input_scale else None
+        self.down_input_scale = quant_param((E,), torch.float32) if input_scale else None
+        self._declare_checkpoint_parts()
+
+    def _declare_checkpoint_parts(self) -> None:
+        """Which per-expert checkpoint key fills which slice (the loader's ``checkpoint_parts``)."""
+        E, H, I, g = self.num_experts, self.hidden_size, self.intermediate_size, self.group_size
+        halves = (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I)))
+        parts: dict[str, list[CheckpointPart]] = {n: [] for n, _ in self.named_parameters(recurse=False)}
+        for e in range(E):
+            for h, (proj, rows) in enumerate(halves):
+                parts["gate_up_weight"].append(CheckpointPart(f"{e}.{proj}.weight", (I, H // 2), _into((e, rows))))
+                parts["gate_up_weight_scale"].append(
+                    CheckpointPart(f"{e}.{proj}.weight_scale", (I, H // g), _into((e, rows)))
+                )
+                parts["gate_up_weight_scale_2"].append(CheckpointPart(f"{e}.{proj}.weight_scale_2", (), _into((e, h))))
+                if "gate_up_input_scale" in parts:
+                    parts["gate_up_input_scale"].append(CheckpointPart(f"{e}.{proj}.input_scale", (), _into((e, h))))
+            parts["down_weight"].append(CheckpointPart(f"{e}.down_proj.weight", (H, I // 2), _into(e)))
+            parts["down_weight_scale"].append(CheckpointPart(f"{e}.down_proj.weight_scale", (H, I // g), _into(e)))
+            parts["down_weight_scale_2"].append(CheckpointPart(f"{e}.down_proj.weight_scale_2", (), _into(e)))
+            if "down_input_scale" in parts:
+                parts["down_input_scale"].append(CheckpointPart(f"{e}.down_proj.input_scale", (), _into(e)))
+        for name, p in self.named_parameters(recurse=False):
+            p.checkpoint_parts = parts[name]
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts: Experts) -> NVFP4Experts:
+        """Quantize loaded BF16 experts (weight-only) with the reference quantizer.
+
+        As ModelOpt's export: one ``weight_scale_2`` per expert for gate and up together
+        (they read the same input), one per expert for down.
+        """
+        gu, dn = experts.gate_up_proj, experts.down_proj
+        E, I2, H = gu.shape
+        with torch.device("meta"):  # every tensor is replaced below
+            out = cls(E, H, I2 // 2, input_scale=False)
+        g_gu = nvfp4_global_scale(gu.abs().amax(dim=(1, 2)))
+        g_dn = nvfp4_global_scale(dn.abs().amax(dim=(1, 2)))
+        w, s, _ = nvfp4_quantize(gu, g_gu)
+        out.gate_up_weight, out.gate_up_weight_scale = as_quant_param(w), as_quant_param(s)
+        out.gate_up_weight_scale_2 = as_quant_param(g_gu[:, None].expand(E, 2).contiguous())
+        w, s, _ = nvfp4_quantize(dn, g_dn)
+        out.down_weight, out.down_weight_scale = as_quant_param(w), as_quant_param(s)
+        out.down_weight_scale_2 = as_quant_param(g_dn)
+        return out
+
+    def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` in ``dtype``, as the BF16 Experts hold them."""
+        I = self.intermediate_size
+        g_rows = self.gate_up_weight_scale_2.repeat_interleave(I, dim=1)  # [E, 2I]: gate rows, then up rows
+        gu = nvfp4_dequantize(self.gate_up_weight, self.gate_up_weight_scale, g_rows, dtype, self.group_size)
+        dn = nvfp4_dequantize(
+            self.down_weight, self.down_weight_scale, self.down_weight_scale_2, dtype, self.group_size
+        )
+        return gu, dn
+
+    def _run(self, x, weights, idx, native: bool) -> torch.Tensor:
+        # Reference path (and, until the NVFP4 MoE kernels of issue 5 land, the CUDA one too).
+        gu, dn = self.dequantized_weights(x.dtype)
+        return ops_for(x, native).moe_experts(x, idx, weights, gu, dn)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]``, routing ``weights/idx [T, k]`` -> ``[T, H]`` in ``x.dtype``."""
+        return self._run(x, weights, idx, native=False)
+
+    def forward_native(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self._run(x, weights, idx, native=True)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, nvfp4"

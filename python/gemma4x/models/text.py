@@ -15,25 +15,31 @@ Parameter names equal the checkpoint's tensor names after the text weight prefix
 
 Model: ``h = embed(ids) * sqrt(H)``; layers; ``logits = softcap(norm(h) @ E^T)`` with the
 LM head tied to the unscaled embedding table.
+
+NVFP4: the modules in ``cfg.nvfp4_modules`` (from a ModelOpt export's quantization config)
+are built as ``NVFP4Linear`` / ``NVFP4Experts``, whose parameters load the checkpoint's
+quantized tensors; ``quantize_`` converts a loaded BF16 model instead (quantize at load).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma4x.config import TextConfig
+from gemma4x.config import QuantConfig, TextConfig
 from gemma4x.layers.attention import KV, Attention, KVStore, LayerCacheSpec, NoCache
 from gemma4x.layers.dispatch import ops_for
 from gemma4x.layers.embedding import ScaledEmbedding, per_layer_inputs
-from gemma4x.layers.linear import Linear
+from gemma4x.layers.linear import NVFP4Linear, make_linear
 from gemma4x.layers.mlp import GegluMLP
-from gemma4x.layers.moe import Experts, Router
+from gemma4x.layers.moe import Experts, NVFP4Experts, Router
 from gemma4x.layers.norm import RMSNorm
 from gemma4x.layers.rotary import RotaryEmbedding
+from gemma4x.reference.quant import nvfp4_global_scale
 
 
 def _call(module: nn.Module, native: bool):
@@ -46,8 +52,11 @@ class DecoderLayer(nn.Module):
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.layer = layer
         self.eps = eps
+        q = f"layers.{layer}."
+        quant = {"input_scale": cfg.nvfp4_input_scales, "group_size": cfg.nvfp4_group_size}
         self.self_attn = Attention(cfg, layer)
-        self.mlp = GegluMLP(H, cfg.intermediate_sizes[layer])
+        mlp_nvfp4 = {p for p in ("gate_proj", "up_proj", "down_proj") if cfg.is_nvfp4(f"{q}mlp.{p}")}
+        self.mlp = GegluMLP(H, cfg.intermediate_sizes[layer], nvfp4=mlp_nvfp4, **quant)
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
         self.pre_feedforward_layernorm = RMSNorm(H, eps)
@@ -57,13 +66,16 @@ class DecoderLayer(nn.Module):
         self.has_ple = cfg.has_ple
         if self.has_ple:
             P = cfg.hidden_size_per_layer_input
-            self.per_layer_input_gate = Linear(H, P)
-            self.per_layer_projection = Linear(P, H)
+            self.per_layer_input_gate = make_linear(H, P, nvfp4=cfg.is_nvfp4(f"{q}per_layer_input_gate"), **quant)
+            self.per_layer_projection = make_linear(P, H, nvfp4=cfg.is_nvfp4(f"{q}per_layer_projection"), **quant)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
         self.has_moe = cfg.enable_moe_block
         if self.has_moe:
             self.router = Router(H, cfg.num_experts, cfg.top_k_experts, eps)
-            self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+            if cfg.is_nvfp4(f"{q}experts"):
+                self.experts = NVFP4Experts(cfg.num_experts, H, cfg.moe_intermediate_size, **quant)
+            else:
+                self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
             self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
@@ -133,7 +145,10 @@ class Gemma4TextModel(nn.Module):
         if cfg.has_ple:
             P = cfg.hidden_size_per_layer_input
             self.embed_tokens_per_layer = ScaledEmbedding(cfg.vocab_size_per_layer_input, L * P, scale_dim=P)
-            self.per_layer_model_projection = Linear(H, L * P)
+            self.per_layer_model_projection = make_linear(
+                H, L * P, nvfp4=cfg.is_nvfp4("per_layer_model_projection"),
+                input_scale=cfg.nvfp4_input_scales, group_size=cfg.nvfp4_group_size,
+            )  # fmt: skip
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
@@ -149,13 +164,16 @@ class Gemma4TextModel(nn.Module):
         """Regexes (``re.search`` on full checkpoint keys) of tensors this model does not use.
 
         K/V weights of KV-shared layers (HF ignores them too), the tied ``lm_head.weight``,
-        and everything outside ``prefix`` (vision/audio towers of a gemma4 checkpoint).
+        everything outside ``prefix`` (vision/audio towers of a gemma4 checkpoint), and the
+        FP8 KV-cache scales of a ModelOpt export that has them (our cache keeps the model dtype).
         """
         pre = re.escape(prefix)
         pats = [rf"^(?!{pre})", r"^lm_head\.weight$"]
         for i, mode in enumerate(self.config.kv_sharing):
             if mode == "reuse":
                 pats.append(rf"^{pre}layers\.{i}\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+        if self.config.kv_cache_quant_algo is not None:
+            pats.append(rf"^{pre}layers\.\d+\.self_attn\.(k_proj\.k_scale|v_proj\.v_scale)$")
         return pats
 
     def kv_cache_spec(self) -> list[LayerCacheSpec]:
@@ -174,6 +192,40 @@ class Gemma4TextModel(nn.Module):
             else:
                 specs.append(LayerCacheSpec("sliding", nkv, d, left + 1, i))
         return specs
+
+    # ---- quantization at load --------------------------------------------------------
+
+    @torch.no_grad()
+    def quantize_(self, quant: QuantConfig) -> None:
+        """Quantize the loaded BF16 modules named in ``quant.modules`` to NVFP4, in place.
+
+        Runs the reference quantizer (:mod:`gemma4x.reference.quant`) on the model's device,
+        one module group at a time, each BF16 weight freed as it is replaced. Linears that
+        read one input share a ``weight_scale_2`` as in a ModelOpt export: attention q/k/v,
+        MLP gate/up, and (inside ``NVFP4Experts``) each expert's gate/up. Weight-only: no
+        ``input_scale``. Afterwards ``self.config.nvfp4_modules`` lists what is NVFP4.
+        """
+        already = sorted(self.config.nvfp4_modules)
+        if already:
+            raise ValueError(f"the model is already NVFP4 ({len(already)} modules, e.g. {already[0]!r})")
+        groups: dict[str, list[str]] = {}
+        for name in sorted(quant.modules):
+            parent, _, leaf = name.rpartition(".")
+            key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+            groups.setdefault(f"{parent}.{key.get(leaf, leaf)}", []).append(name)
+        for names in groups.values():
+            mods = [self.get_submodule(n) for n in names]
+            if isinstance(mods[0], Experts):
+                new = [NVFP4Experts.from_experts(mods[0])]
+            else:
+                g = nvfp4_global_scale(torch.stack([m.weight.abs().amax().float() for m in mods]).amax())
+                new = [NVFP4Linear.from_linear(m, g) for m in mods]
+            for n, m in zip(names, new):
+                parent, _, leaf = n.rpartition(".")
+                setattr(self.get_submodule(parent) if parent else self, leaf, m)
+        self.config = dataclasses.replace(
+            self.config, nvfp4_modules=quant.modules, nvfp4_group_size=quant.group_size, nvfp4_input_scales=False
+        )
 
     # ---- forward -----------------------------------------------------------------------
 

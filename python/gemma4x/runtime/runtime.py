@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gemma4x.config import ModelConfig, load_config
+from gemma4x.config import ModelConfig, load_config, nvfp4_quant_config, with_quantization
 from gemma4x.models.text import Gemma4TextModel
 from gemma4x.runtime.kv_cache import KVCache
 from gemma4x.runtime.sampler import Sampler, SamplingParams
@@ -74,6 +74,10 @@ class _Batch:
     @property
     def done(self) -> bool:
         return not any(s.running for s in self.seqs)
+
+
+# from_pretrained(quantize=...) -> the NVFP4 scope quantized at load (config.nvfp4_quant_config).
+QUANTIZE_MODES = {"nvfp4": "experts", "nvfp4-all": "all"}
 
 
 def _read_generation_config(path: Path) -> dict:
@@ -147,11 +151,20 @@ class Gemma4Runtime:
         max_batch_size: int = 8,
         max_seq_len: int = 4096,
         use_cuda_graphs: bool | None = None,
+        quantize: str | None = None,
     ) -> Gemma4Runtime:
         """Load a checkpoint directory (config.json, safetensors, optional tokenizer.json).
 
         ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. ``use_cuda_graphs``
         (default: on for CUDA) replays decode steps from captured CUDA graphs.
+
+        NVFP4: a ModelOpt NVFP4 export (``hf_quant_config.json`` or ``config.json:
+        quantization_config``) loads as it is; its excluded modules stay in ``dtype``.
+        ``quantize`` quantizes a BF16 checkpoint while loading, weight-only, with the
+        reference quantizer on ``device``: ``"nvfp4"`` the routed experts (as the released
+        26B-A4B NVFP4 checkpoint), ``"nvfp4-all"`` every linear of the decoder (attention,
+        MLP, experts, per-layer-embedding projections; router, embeddings and LM head stay
+        in ``dtype``). ``runtime.config.quantization`` then describes the result.
         """
         from gemma4x.loader import load_checkpoint
 
@@ -163,12 +176,25 @@ class Gemma4Runtime:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_MODES)}, got {quantize!r}")
         config = load_config(path)
+        quant = None
+        if quantize is not None:
+            if config.quantization is not None:
+                raise ValueError(
+                    f"quantize={quantize!r}: {path} is already quantized ({config.quantization.quant_algo}, "
+                    f"from {config.quantization.source}); load it without quantize="
+                )
+            quant = nvfp4_quant_config(config, QUANTIZE_MODES[quantize])
         with torch.device("meta"):
             model = Gemma4TextModel(config.text, config.mm_placeholder_token_ids)
         prefix = config.weight_prefix
         ignore = model.ignored_checkpoint_keys(prefix)
         load_checkpoint(model, path, prefix=prefix, device=device, dtype=dtype, ignore_patterns=ignore)
+        if quant is not None:
+            model.quantize_(quant)
+            config = with_quantization(config, quant)
 
         gen = _read_generation_config(path)
         eos = _id_list(gen.get("eos_token_id"), "generation_config.json eos_token_id") or config.text.eos_token_ids

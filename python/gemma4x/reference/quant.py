@@ -1,0 +1,199 @@
+"""Reference NVFP4 quantizer and dequantizer (NVIDIA ModelOpt's format and rounding), pure PyTorch.
+
+NVFP4 stores a weight ``W [..., N, K]`` as e2m1 codes in blocks of 16 along ``K``::
+
+    value[n, k] = e2m1(code[n, k]) * fp32(weight_scale[n, k // 16]) * weight_scale_2
+
+* ``weight`` uint8 ``[..., N, K/2]``: two 4-bit codes per byte, the **low** nibble holds the
+  even ``k``. A code is sign (bit 3) + magnitude index into ``(0, .5, 1, 1.5, 2, 3, 4, 6)``.
+* ``weight_scale`` float8_e4m3fn ``[..., N, K/16]``: one scale per block, row-major.
+* ``weight_scale_2`` fp32 (a scalar per tensor in checkpoints): the global scale.
+
+Quantization follows ModelOpt 0.47 ``NVFP4QTensor`` (``modelopt/torch/quantization/qtensor/
+nvfp4_tensor.py``) bit for bit:
+
+    weight_scale_2 = amax(|W|) / (6 * 448)                            # fp32
+    s_b   = e4m3( clamp(amax_b(|W|) / (6 * weight_scale_2), 2^-9, 448) )   # an all-zero block: 1.0
+    code  = e2m1_round( fp32(W) / (fp32(s_b) * weight_scale_2) )
+
+``e2m1_round`` rounds to the nearest e2m1 value, ties to the even code (0.25 -> 0, 0.75 -> 1,
+1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4) and saturates at 6; negative numbers set the
+sign bit even when they round to zero (code 8, "-0"), exactly as ModelOpt's searchsorted.
+
+Export groups: ModelOpt gives linears that read the same input one shared
+``weight_scale_2`` (the max of their amaxes): an expert's gate and up, the MLP's gate and
+up, attention q/k/v. Pass ``global_scale`` to quantize with a shared one
+(:func:`nvfp4_global_scale` of the group's amax).
+
+This is the reference used on any device (quantize-at-load runs it on the GPU too); a CUDA
+quantization kernel is a later step of issue 5.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
+# ModelOpt clamps block scales into e4m3's normal range before the cast: no underflow to 0.
+_SCALE_MIN = 2.0**-9
+
+# Magnitudes of codes 0..7; codes 8..15 are their negatives.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between consecutive magnitudes; a tie on an odd-indexed one rounds up (to the even code).
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_ODD_BOUNDS = (0.75, 1.75, 3.5)
+
+__all__ = [
+    "E2M1_MAX",
+    "E2M1_VALUES",
+    "E4M3_MAX",
+    "NVFP4_BLOCK",
+    "e2m1_decode",
+    "e2m1_encode",
+    "nvfp4_block_scales",
+    "nvfp4_dequantize",
+    "nvfp4_global_scale",
+    "nvfp4_quantize",
+    "pack_nibbles",
+    "unpack_nibbles",
+]
+
+
+# Lookup tables, built once per device: no host-to-device copy per call (CUDA graph capture
+# must not see one; the runtime's warm-up runs before capture builds them).
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    key = (name, torch.device(device))
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """Nearest e2m1 code (uint8 in [0, 16)) of each element of ``x`` (already divided by its scales)."""
+    x = x.float()
+    mag = x.abs()
+    bounds = _table("bounds", _E2M1_BOUNDS, x.device)
+    code = torch.searchsorted(bounds, mag.contiguous(), right=False).to(torch.uint8)  # bounds strictly below
+    tie_up = torch.zeros_like(mag, dtype=torch.bool)
+    for b in _ODD_BOUNDS:
+        tie_up |= mag == b
+    code = code + tie_up.to(torch.uint8)
+    return code | ((x < 0).to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 values of e2m1 codes (uint8 in [0, 16))."""
+    return _table("values", E2M1_VALUES + tuple(-v for v in E2M1_VALUES), codes.device)[codes.long()]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[..., K]`` 4-bit codes -> ``[..., K/2]`` uint8, even ``k`` in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles: last dimension must be even, got shape {list(codes.shape)}")
+    codes = codes.to(torch.uint8)
+    return (codes[..., 1::2] << 4) | codes[..., 0::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """``[..., K/2]`` uint8 -> ``[..., K]`` codes (uint8), inverse of :func:`pack_nibbles`."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_nibbles: expected uint8, got {packed.dtype}")
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """``weight_scale_2 = amax / (6 * 448)`` in fp32 (an all-zero tensor gets 1.0, see below)."""
+    amax = torch.as_tensor(amax).float()
+    # ModelOpt divides by a zero global scale here and writes NaN scales; 1.0 keeps zeros zero.
+    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def _blocks(x: torch.Tensor, block_size: int, what: str) -> torch.Tensor:
+    if x.dim() < 1 or x.shape[-1] % block_size:
+        raise ValueError(f"{what}: last dimension must be a multiple of {block_size}, got shape {list(x.shape)}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def _expand_global(global_scale: torch.Tensor, lead: int, device) -> torch.Tensor:
+    """A scalar, or one value per leading index (``[E]`` for ``[E, N, K]``), shaped to broadcast over ``[..., N, nb]``."""
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=device)
+    if g.numel() == 1:
+        return g.reshape(())
+    return g.reshape(*g.shape, *([1] * (lead - g.dim())))
+
+
+def nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, block_size: int = NVFP4_BLOCK) -> torch.Tensor:
+    """Per-block e4m3 scales ``[..., N, K/16]`` of ``w [..., N, K]`` under ``global_scale``."""
+    amax = _blocks(w, block_size, "nvfp4_block_scales").abs().amax(dim=-1).float()
+    g = _expand_global(global_scale, amax.dim(), w.device)
+    s = amax / (E2M1_MAX * g)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return s.clamp(min=_SCALE_MIN, max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+@torch.no_grad()
+def nvfp4_quantize(
+    w: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    block_size: int = NVFP4_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``w [..., N, K]`` (any float dtype) to NVFP4.
+
+    Args:
+        w: the weight; ``K`` a multiple of ``block_size``.
+        global_scale: ``weight_scale_2``; a scalar, or one per leading index (``[E]`` for
+            ``[E, N, K]``). Default: ``amax(|w|) / (6*448)`` over the whole tensor.
+        block_size: 16 for NVFP4.
+
+    Returns:
+        ``(weight uint8 [..., N, K/2], weight_scale float8_e4m3fn [..., N, K/16],
+        weight_scale_2 fp32)`` — ``weight_scale_2`` shaped as given (a 0-d tensor by default).
+    """
+    if not w.is_floating_point():
+        raise ValueError(f"nvfp4_quantize: expected a floating-point weight, got {w.dtype}")
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(w.abs().amax())
+    global_scale = torch.as_tensor(global_scale, dtype=torch.float32, device=w.device)
+    scale = nvfp4_block_scales(w, global_scale, block_size)
+    g = _expand_global(global_scale, scale.dim(), w.device)
+    blocks = _blocks(w, block_size, "nvfp4_quantize").float()
+    codes = e2m1_encode(blocks / (scale.float() * g).unsqueeze(-1)).reshape(w.shape)
+    return pack_nibbles(codes), scale, global_scale
+
+
+def nvfp4_dequantize(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_scale_2: torch.Tensor | float,
+    dtype: torch.dtype = torch.float32,
+    block_size: int = NVFP4_BLOCK,
+) -> torch.Tensor:
+    """``e2m1(weight) * fp32(weight_scale) * weight_scale_2`` as ``[..., N, K]`` in ``dtype``.
+
+    Args:
+        weight: uint8 ``[..., N, K/2]`` packed codes.
+        weight_scale: float8_e4m3fn ``[..., N, K/16]``.
+        weight_scale_2: fp32 scalar, or one per leading index (``[E]`` for ``[E, N, K/2]``).
+
+    The product is formed in fp32 (``e2m1 * (scale * global)``, as ModelOpt does) and cast once.
+    """
+    if weight.dtype != torch.uint8:
+        raise ValueError(f"nvfp4_dequantize: weight must be uint8 (packed e2m1), got {weight.dtype}")
+    if weight_scale.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"nvfp4_dequantize: weight_scale must be float8_e4m3fn, got {weight_scale.dtype}")
+    K = weight.shape[-1] * 2
+    if tuple(weight_scale.shape) != (*weight.shape[:-1], K // block_size) or K % block_size:
+        raise ValueError(
+            f"nvfp4_dequantize: weight {list(weight.shape)} (K={K}) needs weight_scale "
+            f"{[*weight.shape[:-1], K // block_size]}, got {list(weight_scale.shape)}"
+        )
+    values = _blocks(e2m1_decode(unpack_nibbles(weight)), block_size, "nvfp4_dequantize")
+    scale = weight_scale.float()
+    g = _expand_global(weight_scale_2, scale.dim(), weight.device)
+    out = values * (scale * g).unsqueeze(-1)
+    return out.reshape(*weight.shape[:-1], K).to(dtype)
