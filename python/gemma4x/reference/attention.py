@@ -30,16 +30,46 @@ def attention_mask(
     k_pos: torch.Tensor,
     window_left: int | None,
     window_right: int | None,
+    q_block: torch.Tensor | None = None,
+    k_block: torch.Tensor | None = None,
+    *,
+    unified: bool = False,
 ) -> torch.Tensor:
-    """Boolean ``[B, Tq, Tk]`` mask (True = attend) for query/key positions ``[B, Tq]``, ``[B, Tk]``."""
-    p = q_pos[:, :, None]
-    s = k_pos[:, None, :]
-    allowed = s >= 0
-    if window_left is not None:
-        allowed = allowed & (p - s <= window_left)
-    if window_right is not None:
-        allowed = allowed & (s - p <= window_right)
-    return allowed
+    """Boolean ``[..., Tq, Tk]`` mask (True = attend) for query/key positions ``[..., Tq]``, ``[..., Tk]``.
+
+    Without block ids this is the module docstring's rule. With block ids (``q_block``
+    ``[..., Tq]``, ``k_block`` ``[..., Tk]``, ``-1`` = not in a vision block) and
+    ``same = q_block == k_block >= 0``::
+
+        unified=False (Gemma4, HF create_masks_for_vision_model):
+            allowed = s >= 0 and left_ok and (right_ok or same)
+        unified=True  (gemma4_unified forward(), HF create_causal_mask(block_sequence_ids=...)):
+            allowed = s >= 0 and ((left_ok and right_ok) or same)
+
+    ``left_ok = p - s <= window_left`` and ``right_ok = s - p <= window_right`` (True when the
+    bound is None). Gemma4 passes blocks on sliding layers only (full layers stay causal, spec
+    §2.11.3); gemma4_unified passes them on both layer types (spec §6.5). An empty slot
+    (``s < 0``) is never allowed, whatever its block id.
+    """
+    if (q_block is None) != (k_block is None):
+        raise ValueError("attention_mask: give both q_block and k_block, or neither")
+    p = q_pos[..., :, None]
+    s = k_pos[..., None, :]
+    valid = s >= 0
+    left = torch.ones_like(valid) if window_left is None else (p - s <= window_left)
+    right = torch.ones_like(valid) if window_right is None else (s - p <= window_right)
+    if q_block is None:
+        return valid & left & right
+    if q_block.shape != q_pos.shape or k_block.shape != k_pos.shape:
+        raise ValueError(
+            f"attention_mask: q_block {tuple(q_block.shape)} must match q_pos {tuple(q_pos.shape)} and "
+            f"k_block {tuple(k_block.shape)} must match k_pos {tuple(k_pos.shape)}"
+        )
+    qb = q_block[..., :, None]
+    same = (qb == k_block[..., None, :]) & (qb >= 0)
+    if unified:
+        return valid & ((left & right) | same)
+    return valid & left & (right | same)
 
 
 def attention(
