@@ -12,6 +12,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_norm(norm);
   auto moe = m.def_submodule("moe", "routed GeGLU experts: router, decode experts");
   gemma4x::bindings::register_moe(moe);
+  auto gemm = m.def_submodule("gemm", "NVFP4 W4A4 block-scaled GEMM (sm_100a builds only; gemm.has_sm100 says)");
+  gemma4x::bindings::register_gemm(gemm);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

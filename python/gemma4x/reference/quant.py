@@ -27,6 +27,11 @@ up, attention q/k/v. Pass ``global_scale`` to quantize with a shared one
 
 This is the reference used on any device (quantize-at-load runs it on the GPU too); a CUDA
 quantization kernel is a later step of issue 5.
+
+Activations (W4A4 exports) are quantized the same way with the checkpoint's static
+``input_scale`` as the global scale (:func:`nvfp4_quantize_activation`). The SM100 block-scaled
+GEMM reads block scales in CUTLASS's tiled order, produced at load by
+:func:`nvfp4_swizzle_scales`.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ __all__ = [
     "nvfp4_dequantize",
     "nvfp4_global_scale",
     "nvfp4_quantize",
+    "nvfp4_quantize_activation",
+    "nvfp4_swizzle_scales",
+    "nvfp4_swizzled_size",
+    "nvfp4_unswizzle_scales",
     "pack_nibbles",
     "unpack_nibbles",
 ]
@@ -197,3 +206,101 @@ def nvfp4_dequantize(
     g = _expand_global(weight_scale_2, scale.dim(), weight.device)
     out = values * (scale * g).unsqueeze(-1)
     return out.reshape(*weight.shape[:-1], K).to(dtype)
+
+
+@torch.no_grad()
+def nvfp4_quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations ``x [..., K]`` to NVFP4 under the checkpoint's static ``input_scale``.
+
+    ModelOpt's W4A4 input quantizer is the weight quantizer with ``input_scale`` (calibrated
+    ``amax / (6*448)``) as the global scale::
+
+        s_b  = e4m3( clamp(amax_b(|x|) / (6 * input_scale), 2^-9, 448) )   # an all-zero block: 1.0
+        code = e2m1_round( fp32(x) / (fp32(s_b) * input_scale) )            # saturates at 6
+
+    An activation above the calibrated range saturates (its block scale clamps at 448, its
+    codes at 6), as on the serving path. The GEMM then scales by ``input_scale * weight_scale_2``.
+
+    Returns:
+        ``(codes uint8 [..., K/2], scales float8_e4m3fn [..., K/16])`` in the row-major layout of
+        :func:`nvfp4_quantize`; swizzle the scales for the SM100 GEMM.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"nvfp4_quantize_activation: expected floating-point activations, got {x.dtype}")
+    g = torch.as_tensor(input_scale, dtype=torch.float32, device=x.device)
+    if g.numel() != 1:
+        raise ValueError(f"nvfp4_quantize_activation: input_scale must be a scalar, got shape {list(g.shape)}")
+    if not bool(torch.isfinite(g).all()) or float(g) <= 0:
+        raise ValueError(f"nvfp4_quantize_activation: input_scale must be finite and > 0, got {float(g)}")
+    codes, scale, _ = nvfp4_quantize(x, g.reshape(()))
+    return codes, scale
+
+
+# --- SM100 block-scale layout -------------------------------------------------------------------
+#
+# CUTLASS's SM100 block-scaled MMA (cutlass/detail/sm100_blockscaled_layout.hpp,
+# Sm1xxBlockScaledConfig<16>, K-major) reads the scale factors of A and B through the CuTe layout
+#
+#     SfKMajorAtom = ((32, 4), (16, 4)) : ((16, 4), (0, 1))        # (rows, K elements) -> offset
+#
+# tiled over (rows, K, L) with K tiles before row tiles (Step<_2,_1,_3>). One atom covers 128 rows
+# by 4 scale blocks (64 K elements) in 512 contiguous bytes: row ``r = 32*r1 + r0`` and block
+# ``kb = 4*kt + kk`` of row tile ``mt`` sit at
+#
+#     ((mt * KT + kt) * 32 + r0) * 16 + r1 * 4 + kk,       KT = ceil(K/16 / 4)
+#
+# so each 16-byte line holds the 4 scales of rows r0, r0+32, r0+64, r0+96 (what one TMEM lane
+# needs). Rows pad to 128 and blocks to 4; the padding holds zero scales (padding rows or K
+# blocks then contribute nothing, whatever the padded codes hold).
+
+_SF_ROWS = 128  # rows per atom (Blk_MN)
+_SF_COLS = 4  # scale blocks per atom (Blk_SF)
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def nvfp4_swizzled_size(rows: int, k_blocks: int) -> int:
+    """Bytes of one swizzled scale matrix: rows padded to 128 times scale blocks padded to 4."""
+    return _ceil_to(rows, _SF_ROWS) * _ceil_to(k_blocks, _SF_COLS)
+
+
+def nvfp4_swizzle_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Row-major block scales ``[..., rows, K/16]`` -> CUTLASS SM100 order ``[..., nvfp4_swizzled_size(rows, K/16)]``.
+
+    Leading dimensions are batches (one expert each, CUTLASS's ``L``): batch ``l`` occupies
+    the ``l``-th contiguous slice. Works on any dtype (float8_e4m3fn in practice) and device.
+    """
+    if scale.dim() < 2:
+        raise ValueError(f"nvfp4_swizzle_scales: expected [..., rows, K/16], got shape {list(scale.shape)}")
+    *lead, rows, kb = scale.shape
+    rp, kp = _ceil_to(rows, _SF_ROWS), _ceil_to(kb, _SF_COLS)
+    # Pad through a uint8 view: float8 tensors have no pad kernel on every backend.
+    raw = scale.view(torch.uint8) if scale.element_size() == 1 else scale
+    padded = raw.new_zeros((*lead, rp, kp))
+    padded[..., :rows, :kb] = raw
+    n = len(lead)
+    # rows -> (mt, r1, r0), blocks -> (kt, kk); memory order (mt, kt, r0, r1, kk).
+    t = padded.reshape(*lead, rp // _SF_ROWS, 4, 32, kp // _SF_COLS, _SF_COLS)
+    t = t.permute(*range(n), n + 0, n + 3, n + 2, n + 1, n + 4).contiguous()
+    out = t.reshape(*lead, rp * kp)
+    return out.view(scale.dtype) if scale.element_size() == 1 else out
+
+
+def nvfp4_unswizzle_scales(swizzled: torch.Tensor, rows: int, k_blocks: int) -> torch.Tensor:
+    """Inverse of :func:`nvfp4_swizzle_scales`: ``[..., size]`` -> row-major ``[..., rows, k_blocks]``."""
+    rp, kp = _ceil_to(rows, _SF_ROWS), _ceil_to(k_blocks, _SF_COLS)
+    if swizzled.dim() < 1 or swizzled.shape[-1] != rp * kp:
+        raise ValueError(
+            f"nvfp4_unswizzle_scales: rows={rows}, k_blocks={k_blocks} need a last dimension of "
+            f"{rp * kp}, got shape {list(swizzled.shape)}"
+        )
+    *lead, _ = swizzled.shape
+    n = len(lead)
+    raw = swizzled.view(torch.uint8) if swizzled.element_size() == 1 else swizzled
+    t = raw.reshape(*lead, rp // _SF_ROWS, kp // _SF_COLS, 32, 4, _SF_COLS)
+    # (mt, kt, r0, r1, kk) -> (mt, r1, r0, kt, kk)
+    t = t.permute(*range(n), n + 0, n + 3, n + 2, n + 1, n + 4).reshape(*lead, rp, kp)
+    out = t[..., :rows, :k_blocks].contiguous()
+    return out.view(swizzled.dtype) if swizzled.element_size() == 1 else out

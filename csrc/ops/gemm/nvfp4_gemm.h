@@ -1,0 +1,21 @@
+// Host launcher of the NVFP4 W4A4 GEMM. Defined in nvfp4_gemm_sm100.cu, so it exists only in
+// builds whose GEMMA4X_CUDA_ARCHS include an sm_100 target (the binding checks GEMMA4X_HAS_SM100).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "gemma4x/gemm/params.h"
+
+namespace gemma4x::gemm {
+
+// Validates every argument, checks that the current GPU is compute capability 10.0 (the
+// sm_100a code runs nowhere else), and launches on `stream`.
+void nvfp4_gemm(const Nvfp4GemmParams& params, cudaStream_t stream);
+
+// Scratch bytes the launch needs for an (M, N, K) problem (0 for the persistent scheduler today;
+// queried so the caller allocates what a future CUTLASS asks for).
+size_t nvfp4_gemm_workspace_size(int32_t M, int32_t N, int32_t K);
+
+}  // namespace gemma4x::gemm

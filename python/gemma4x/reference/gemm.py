@@ -1,0 +1,33 @@
+"""Reference NVFP4 W4A4 GEMM, the pure-PyTorch twin of :func:`gemma4x.ops.gemm.nvfp4_gemm`.
+
+    out[m, n] = bf16( alpha * sum_k e2m1(a[m, k]) * sfa[m, k//16] * e2m1(b[n, k]) * sfb[n, k//16] )
+
+with the block scales in CUTLASS's SM100 order (:func:`gemma4x.reference.quant.nvfp4_swizzle_scales`)
+and ``alpha = input_scale * weight_scale_2``. Every product of two e2m1 values and two e4m3
+scales is exact in fp32; the sum is fp32, the output one bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemma4x.reference.quant import (
+    NVFP4_BLOCK,
+    nvfp4_dequantize,
+    nvfp4_unswizzle_scales,
+)
+
+
+def nvfp4_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """``bf16(alpha * dequant(a) @ dequant(b)^T)``; same arguments as the op (swizzled scales)."""
+    M, N, K = a.shape[0], b.shape[0], a.shape[1] * 2
+    kb = K // NVFP4_BLOCK
+    a_deq = nvfp4_dequantize(a, nvfp4_unswizzle_scales(a_scale, M, kb), 1.0)
+    b_deq = nvfp4_dequantize(b, nvfp4_unswizzle_scales(b_scale, N, kb), 1.0)
+    return ((a_deq @ b_deq.T) * alpha.float().reshape(())).to(torch.bfloat16)
