@@ -39,6 +39,35 @@ void register_gemm(py::module_& m) {
 
   // Scratch bytes nvfp4_gemm needs for (M, N, K).
   m.def("nvfp4_gemm_workspace_size", &nvfp4_gemm_workspace_size, py::arg("M"), py::arg("N"), py::arg("K"));
+
+  // Grouped over experts: rows of A in expert order, row_offsets int32 [groups + 1] on the device.
+  m.def(
+      "nvfp4_grouped_gemm",
+      [](uintptr_t out, uintptr_t a, uintptr_t a_scale, uintptr_t row_offsets, uintptr_t b, uintptr_t b_scale,
+         uintptr_t alpha, uintptr_t workspace, size_t workspace_bytes, int32_t groups, int32_t N, int32_t K,
+         uintptr_t stream) {
+        Nvfp4GroupedGemmParams p{};
+        p.a = as_ptr(a);
+        p.a_scale = as_ptr(a_scale);
+        p.row_offsets = static_cast<const int32_t*>(as_ptr(row_offsets));
+        p.b = as_ptr(b);
+        p.b_scale = as_ptr(b_scale);
+        p.alpha = static_cast<const float*>(as_ptr(alpha));
+        p.out = as_mut_ptr(out);
+        p.workspace = as_mut_ptr(workspace);
+        p.workspace_bytes = workspace_bytes;
+        p.groups = groups;
+        p.N = N;
+        p.K = K;
+        nvfp4_grouped_gemm(p, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("a"), py::arg("a_scale"), py::arg("row_offsets"), py::arg("b"), py::arg("b_scale"),
+      py::arg("alpha"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("groups"), py::arg("N"),
+      py::arg("K"), py::arg("stream"));
+
+  // Scratch bytes nvfp4_grouped_gemm needs for (groups, N, K): argument arrays + CUTLASS's.
+  m.def("nvfp4_grouped_gemm_workspace_size", &nvfp4_grouped_gemm_workspace_size, py::arg("groups"), py::arg("N"),
+        py::arg("K"));
 #else
   // Built without an sm_100 target: the wrapper reads this and says how to rebuild.
   m.attr("has_sm100") = false;

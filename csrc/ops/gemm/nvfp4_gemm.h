@@ -18,4 +18,14 @@ void nvfp4_gemm(const Nvfp4GemmParams& params, cudaStream_t stream);
 // queried so the caller allocates what a future CUTLASS asks for).
 size_t nvfp4_gemm_workspace_size(int32_t M, int32_t N, int32_t K);
 
+// The grouped (per-expert) GEMM: per-group arguments are built on the device from row_offsets,
+// so the launch is graph-capturable with routing never read back. Same device check.
+void nvfp4_grouped_gemm(const Nvfp4GroupedGemmParams& params, cudaStream_t stream);
+
+// Scratch bytes for `groups` groups of an (N, K) grouped problem: argument arrays + CUTLASS's.
+size_t nvfp4_grouped_gemm_workspace_size(int32_t groups, int32_t N, int32_t K);
+
+// Throws unless the current GPU is compute capability 10.0 (sm_100a code runs nowhere else).
+void check_sm100(const char* op);
+
 }  // namespace gemma4x::gemm

@@ -24,19 +24,6 @@ void check_pointer(const char* name, const void* p, size_t alignment) {
                     reinterpret_cast<uintptr_t>(p));
 }
 
-// sm_100a code is arch-specific: it runs on compute capability 10.0 only (not 10.3, not 12.x).
-void check_device() {
-  int dev = 0, major = 0, minor = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  if (major != 10 || minor != 0) {
-    throw std::runtime_error(std::string(kOp) + ": the NVFP4 block-scaled GEMM is built for sm_100a and needs a " +
-                             "compute capability 10.0 GPU (B200/GB200); device " + std::to_string(dev) + " is " +
-                             std::to_string(major) + "." + std::to_string(minor));
-  }
-}
-
 // Strides, in elements, of a packed row-major [rows, cols] matrix as CUTLASS's (row, col, batch)
 // stride types spell them: the column stride is the static 1, the others are runtime values.
 template <typename Stride>
@@ -76,6 +63,19 @@ typename sm100::Gemm::Arguments make_arguments(const Nvfp4GemmParams& p) {
 
 }  // namespace
 
+// sm_100a code is arch-specific: it runs on compute capability 10.0 only (not 10.3, not 12.x).
+void check_sm100(const char* op) {
+  int dev = 0, major = 0, minor = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  if (major != 10 || minor != 0) {
+    throw std::runtime_error(std::string(op) + ": the NVFP4 block-scaled GEMMs are built for sm_100a and need a " +
+                             "compute capability 10.0 GPU (B200/GB200); device " + std::to_string(dev) + " is " +
+                             std::to_string(major) + "." + std::to_string(minor));
+  }
+}
+
 size_t nvfp4_gemm_workspace_size(int32_t M, int32_t N, int32_t K) {
   check_shape(M, N, K);
   Nvfp4GemmParams p{};
@@ -96,7 +96,7 @@ void nvfp4_gemm(const Nvfp4GemmParams& p, cudaStream_t stream) {
   check_pointer("b_scale", p.b_scale, 16);
   check_pointer("out", p.out, 16);
   check_pointer("alpha", p.alpha, 4);
-  check_device();
+  check_sm100(kOp);
 
   sm100::Gemm gemm;
   const auto args = make_arguments(p);

@@ -6,7 +6,7 @@ and can be captured in CUDA graphs. Importing this package never needs ``_C``.
 """
 
 from gemma4x.ops._load import ExtensionUnavailableError, cuda_kernels_available
-from gemma4x.ops.gemm import nvfp4_gemm
+from gemma4x.ops.gemm import nvfp4_gemm, nvfp4_grouped_gemm
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
 
@@ -18,5 +18,6 @@ __all__ = [
     "moe_router",
     "moe_tail_norm",
     "nvfp4_gemm",
+    "nvfp4_grouped_gemm",
     "rms_norm",
 ]

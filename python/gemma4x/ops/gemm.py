@@ -18,7 +18,7 @@ import torch
 from gemma4x.ops._checks import _fmt_dtype, check_cuda
 from gemma4x.ops._launch import on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
-from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_swizzled_size
+from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_grouped_scale_capacity, nvfp4_swizzled_size
 
 # Shape rules of the kernel (csrc/include/gemma4x/gemm/params.h holds the same numbers).
 K_MULTIPLE = 64
@@ -94,12 +94,12 @@ def _gemm_module():
     return mod.gemm
 
 
-def _check_gpu(t: torch.Tensor) -> None:
+def _check_gpu(t: torch.Tensor, op: str = _OP) -> None:
     cc = torch.cuda.get_device_capability(t.device)
     if cc != (10, 0):
         raise RuntimeError(
-            f"{_OP}: the NVFP4 block-scaled GEMM is compiled for sm_100a and needs a compute capability 10.0 GPU "
-            f"(B200/GB200); {t.device} is {cc[0]}.{cc[1]} (use gemma4x.reference.gemm.nvfp4_gemm there)"
+            f"{op}: the NVFP4 block-scaled GEMM is compiled for sm_100a and needs a compute capability 10.0 GPU "
+            f"(B200/GB200); {t.device} is {cc[0]}.{cc[1]} (use gemma4x.reference.gemm.{op} there)"
         )
 
 
@@ -157,3 +157,123 @@ def nvfp4_gemm(
         other than compute capability 10.0.
     """
     return torch.ops.gemma4x.nvfp4_gemm(a, a_scale, b, b_scale, alpha)
+
+
+# --- Grouped over experts ------------------------------------------------------------------------
+
+_GOP = "nvfp4_grouped_gemm"
+
+
+def _check_grouped(a, a_scale, row_offsets, b, b_scale, alpha) -> tuple[int, int, int, int]:
+    """Validate every argument; returns (M_total, groups, N, K)."""
+    if a.dim() != 2:
+        raise ValueError(f"{_GOP}: a must be 2-D [M_total, K/2] packed e2m1, got shape {list(a.shape)}")
+    if b.dim() != 3:
+        raise ValueError(f"{_GOP}: b must be 3-D [groups, N, K/2] packed e2m1, got shape {list(b.shape)}")
+    M, half_k = a.shape
+    E, N = b.shape[0], b.shape[1]
+    K = 2 * half_k
+    for name, t, dtype, shape, what in (
+        ("a", a, torch.uint8, [M, half_k], f"[M_total, K/2] = [{M}, {half_k}]"),
+        ("b", b, torch.uint8, [E, N, half_k], f"[groups, N, {half_k}] (K/2 = {half_k} as a)"),
+        ("row_offsets", row_offsets, torch.int32, [E + 1], f"[groups + 1] = [{E + 1}]"),
+        ("alpha", alpha, torch.float32, [E], f"[groups] = [{E}] (input_scale * weight_scale_2 per expert)"),
+    ):
+        if t.dtype != dtype:
+            raise TypeError(f"{_GOP}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {_fmt_dtype(dtype)}")
+        if list(t.shape) != shape:
+            raise ValueError(f"{_GOP}: {name} has shape {list(t.shape)}, expected {what}")
+        if not t.is_contiguous():
+            raise ValueError(f"{_GOP}: {name} must be contiguous, got strides {list(t.stride())}")
+    if E == 0:
+        raise ValueError(f"{_GOP}: b has no groups (experts)")
+    if K == 0 or K % K_MULTIPLE:
+        raise ValueError(f"{_GOP}: K = {K} must be a positive multiple of {K_MULTIPLE}")
+    if N == 0 or N % N_MULTIPLE:
+        raise ValueError(f"{_GOP}: N = {N} must be a multiple of {N_MULTIPLE} (16-byte bf16 output rows)")
+    kb = K // NVFP4_BLOCK
+    for name, t, shape, what in (
+        ("a_scale", a_scale, [nvfp4_grouped_scale_capacity(M, E, kb)],
+         (f"nvfp4_grouped_scale_capacity(M_total={M}, groups={E}, K/16={kb}) swizzled scales "
+          "(gemma4x.reference.quant.nvfp4_swizzle_scales_grouped(..., size=...))")),
+        ("b_scale", b_scale, [E, nvfp4_swizzled_size(N, kb)], f"[groups, nvfp4_swizzled_size(N={N}, K/16={kb})]"),
+    ):  # fmt: skip
+        if t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"{_GOP}: {name} has dtype {_fmt_dtype(t.dtype)}, expected float8_e4m3fn")
+        if list(t.shape) != shape:
+            raise ValueError(f"{_GOP}: {name} has shape {list(t.shape)}, expected {shape}: {what}")
+        if not t.is_contiguous():
+            raise ValueError(f"{_GOP}: {name} must be contiguous, got strides {list(t.stride())}")
+    for name, t in (
+        ("a_scale", a_scale),
+        ("row_offsets", row_offsets),
+        ("b", b),
+        ("b_scale", b_scale),
+        ("alpha", alpha),
+    ):
+        if t.device != a.device:
+            raise ValueError(f"{_GOP}: {name} is on {t.device}, expected {a.device} (as a)")
+    return M, E, N, K
+
+
+@torch.library.custom_op("gemma4x::nvfp4_grouped_gemm", mutates_args=())
+def _nvfp4_grouped_gemm_op(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    row_offsets: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    M, E, N, K = _check_grouped(a, a_scale, row_offsets, b, b_scale, alpha)
+    check_cuda(_GOP, "a", a)
+    gemm = _gemm_module()
+    _check_gpu(a, _GOP)
+    out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    if M == 0:
+        return out
+    with on_device(a) as stream:
+        ws_bytes = gemm.nvfp4_grouped_gemm_workspace_size(E, N, K)
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device)
+        gemm.nvfp4_grouped_gemm(
+            out.data_ptr(), a.data_ptr(), a_scale.data_ptr(), row_offsets.data_ptr(), b.data_ptr(),
+            b_scale.data_ptr(), alpha.data_ptr(), ws.data_ptr(), ws_bytes, E, N, K, stream,
+        )  # fmt: skip
+    return out
+
+
+@_nvfp4_grouped_gemm_op.register_fake
+def _(a, a_scale, row_offsets, b, b_scale, alpha):
+    M, _, N, _ = _check_grouped(a, a_scale, row_offsets, b, b_scale, alpha)
+    return a.new_empty((M, N), dtype=torch.bfloat16)
+
+
+def nvfp4_grouped_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    row_offsets: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """Per expert ``e``: ``out[rows_e] = bf16(alpha[e] * (e2m1(a) * sfa)[rows_e] @ (e2m1(b[e]) * sfb[e])^T)``.
+
+    One CUTLASS ptr-array block-scaled kernel (tcgen05, 128x256x256 tiles) over all experts; a
+    small kernel first builds the per-expert problem shapes, pointers and scale layouts on the
+    device from ``row_offsets``, so routing is never read back and the call is graph-capturable.
+    Compiled for ``sm_100a`` only (compute capability 10.0); **compiled, not run**: no Blackwell
+    GPU has executed it yet. The pure-PyTorch twin is :func:`gemma4x.reference.gemm.nvfp4_grouped_gemm`.
+
+    Args:
+        a: uint8 ``[M_total, K/2]`` packed e2m1 activations, rows sorted by expert.
+        a_scale: float8_e4m3fn ``[nvfp4_grouped_scale_capacity(M_total, E, K/16)]``: each expert's
+            activation block scales swizzled on their own and concatenated
+            (:func:`gemma4x.reference.quant.nvfp4_swizzle_scales_grouped` with that ``size``).
+        row_offsets: int32 ``[E + 1]`` on the device: expert ``e`` owns rows ``[row_offsets[e], row_offsets[e+1])``.
+        b: uint8 ``[E, N, K/2]`` packed e2m1 expert weights; ``K`` a multiple of 64, ``N`` of 8.
+        b_scale: float8_e4m3fn ``[E, nvfp4_swizzled_size(N, K/16)]``, each expert's ``weight_scale`` swizzled.
+        alpha: float32 ``[E]``, ``input_scale * weight_scale_2`` per expert.
+    Returns:
+        bf16 ``[M_total, N]``.
+    """
+    return torch.ops.gemma4x.nvfp4_grouped_gemm(a, a_scale, row_offsets, b, b_scale, alpha)

@@ -36,6 +36,8 @@ GEMM reads block scales in CUTLASS's tiled order, produced at load by
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 E2M1_MAX = 6.0
@@ -303,4 +305,79 @@ def nvfp4_unswizzle_scales(swizzled: torch.Tensor, rows: int, k_blocks: int) -> 
     # (mt, kt, r0, r1, kk) -> (mt, r1, r0, kt, kk)
     t = t.permute(*range(n), n + 0, n + 3, n + 2, n + 1, n + 4).reshape(*lead, rp, kp)
     out = t[..., :rows, :k_blocks].contiguous()
+    return out.view(swizzled.dtype) if swizzled.element_size() == 1 else out
+
+
+# --- Grouped (per-expert) scale layout ----------------------------------------------------------
+#
+# The grouped SM100 GEMM swizzles each expert's activation scales on their own (the tile atoms of
+# one expert never straddle another's rows) and concatenates them in expert order. Group ``e`` of
+# ``M_e`` rows starts at ``sum_{j<e} nvfp4_swizzled_size(M_j, K/16)`` bytes; the kernel computes the
+# same offsets on the device from the row offsets (csrc/include/gemma4x/gemm/params.h,
+# grouped_scale_bytes).
+
+
+def nvfp4_grouped_scale_offsets(row_offsets: torch.Tensor | list[int], k_blocks: int) -> list[int]:
+    """Byte offset of each group's swizzled scales (``groups + 1`` entries, the last = total)."""
+    rows = [int(v) for v in (row_offsets.tolist() if isinstance(row_offsets, torch.Tensor) else row_offsets)]
+    out = [0]
+    for lo, hi in itertools.pairwise(rows):
+        if hi < lo:
+            raise ValueError(f"nvfp4_grouped_scale_offsets: row_offsets must be non-decreasing, got {rows}")
+        out.append(out[-1] + nvfp4_swizzled_size(hi - lo, k_blocks))
+    return out
+
+
+def nvfp4_grouped_scale_capacity(total_rows: int, groups: int, k_blocks: int) -> int:
+    """Bytes that hold the grouped scales of ``total_rows`` rows split any way over ``groups`` groups.
+
+    Each group pads to 128 rows, so the groups together need at most ``total_rows + 127 * groups``
+    rows, rounded down to a multiple of 128: a fixed size the host knows without reading routing.
+    """
+    return (total_rows + 127 * groups) // _SF_ROWS * _SF_ROWS * _ceil_to(k_blocks, _SF_COLS)
+
+
+def nvfp4_swizzle_scales_grouped(
+    scale: torch.Tensor, row_offsets: torch.Tensor | list[int], size: int | None = None
+) -> torch.Tensor:
+    """Row-major scales ``[M_total, K/16]`` of expert-sorted rows -> each group swizzled, concatenated.
+
+    ``size`` pads the result with zeros to that many bytes (e.g. :func:`nvfp4_grouped_scale_capacity`,
+    the buffer size the grouped GEMM op asks for).
+    """
+    if scale.dim() != 2:
+        raise ValueError(f"nvfp4_swizzle_scales_grouped: expected [M_total, K/16], got shape {list(scale.shape)}")
+    rows = [int(v) for v in (row_offsets.tolist() if isinstance(row_offsets, torch.Tensor) else row_offsets)]
+    if rows[0] != 0 or rows[-1] != scale.shape[0]:
+        raise ValueError(
+            f"nvfp4_swizzle_scales_grouped: row_offsets must run from 0 to {scale.shape[0]} rows, got {rows}"
+        )
+    raw = scale.view(torch.uint8) if scale.element_size() == 1 else scale  # cat through uint8: float8-safe
+    parts = [nvfp4_swizzle_scales(raw[lo:hi]) for lo, hi in itertools.pairwise(rows)]
+    used = sum(p.numel() for p in parts)
+    if size is not None:
+        if size < used:
+            raise ValueError(f"nvfp4_swizzle_scales_grouped: size {size} is below the {used} bytes the groups need")
+        parts.append(raw.new_zeros((size - used,)))
+    out = torch.cat(parts) if parts else raw.new_empty((0,))
+    return out.view(scale.dtype) if scale.element_size() == 1 else out
+
+
+def nvfp4_unswizzle_scales_grouped(
+    swizzled: torch.Tensor, row_offsets: torch.Tensor | list[int], k_blocks: int
+) -> torch.Tensor:
+    """Inverse of :func:`nvfp4_swizzle_scales_grouped`: -> row-major ``[M_total, k_blocks]``."""
+    rows = [int(v) for v in (row_offsets.tolist() if isinstance(row_offsets, torch.Tensor) else row_offsets)]
+    offs = nvfp4_grouped_scale_offsets(rows, k_blocks)
+    if swizzled.dim() != 1 or swizzled.numel() < offs[-1]:
+        raise ValueError(
+            f"nvfp4_unswizzle_scales_grouped: row_offsets {rows} with K/16={k_blocks} need at least "
+            f"[{offs[-1]}] scales, got shape {list(swizzled.shape)}"
+        )
+    raw = swizzled.view(torch.uint8) if swizzled.element_size() == 1 else swizzled
+    parts = [
+        nvfp4_unswizzle_scales(raw[o0:o1], hi - lo, k_blocks)
+        for lo, hi, o0, o1 in zip(rows[:-1], rows[1:], offs[:-1], offs[1:])
+    ]
+    out = torch.cat(parts) if parts else raw.new_empty((0, k_blocks))
     return out.view(swizzled.dtype) if swizzled.element_size() == 1 else out
