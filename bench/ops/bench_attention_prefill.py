@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,11 @@ def main():
     ap.add_argument("--flex-budget-s", type=float, default=120.0, help="stop compiling FlexAttention after this")
     args = ap.parse_args()
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 256  # one FlexAttention compile per (shape, mask)
+    torch._dynamo.config.cache_size_limit = 256
     rep = Report("bench_attention_prefill")
     warm_up_gpu()
     rep.ceilings["matmul_tflops"] = mm = matmul_tflops()
