@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from bench.harness import Report, matmul_tflops, time_graph, warm_up_gpu  # noqa: E402
 from gemma4x import ops  # noqa: E402
+from gemma4x.ops import attention as ops_attn  # noqa: E402
 from gemma4x.reference.attention import attention_mask  # noqa: E402
 from gemma4x.reference.attention_varlen import block_ids_from_ranges  # noqa: E402
 
@@ -113,9 +114,9 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
     replays = 20 if L <= 4096 else (10 if L <= 8192 else 4)
     tflop = 4 * pairs * d * nH / 1e12
     row = dict(case=name, L=L, d=d, heads=nH, kv_heads=k.shape[1], pairs=pairs, tflop=tflop)
-    for be in ("wgmma", "mma_sync"):
-        if d == 72 and be == "wgmma":
-            continue
+    for be in ops_attn.BACKENDS:
+        if (d == 72 and be.startswith("wgmma")) or (d == 512 and be.endswith("_m64")):
+            continue  # the same kernel as another backend
         fn = lambda be=be: ops.attention_varlen(q, k, v, cu, cu, window_left=wl, window_right=wr,  # noqa: E731
                                                 q_block=blocks, k_block=blocks, backend=be, check_offsets=False)
         row[f"gemma4x_{be}"] = timed(fn, replays)
@@ -147,6 +148,7 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
         except Exception as exc:
             row["flex"] = ("failed: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:90]
     rep.add(**row)
+    rep.write()  # after every row: a run stopped at its time limit keeps what it measured
     cells = []
     for key in [c for c in row if c.startswith(("gemma4x", "sdpa", "flex"))]:
         val = row[key]
@@ -163,29 +165,15 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.recompile_limit = 256  # one FlexAttention compile per (shape, mask)
-    torch._dynamo.config.cache_size_limit = 256
+    dynamo.config.recompile_limit = 256  # one FlexAttention compile per (shape, mask)
+    dynamo.config.cache_size_limit = 256
     rep = Report("bench_attention_prefill")
     warm_up_gpu()
     rep.ceilings["matmul_tflops"] = mm = matmul_tflops()
     print(f"device {rep.device}; bf16 matmul ceiling {mm:.0f} TFLOP/s", flush=True)
     t_start = time.time()
-    lengths = [1024, 8192] if args.quick else [1024, 8192, 32768]
-    for d, nH, nKV in ((512, 16, 2), (256, 16, 8)):
-        for L in lengths:
-            q = (torch.randn(L, nH, d, device="cuda") * d**-0.25).to(DT)
-            k = (torch.randn(L, nKV, d, device="cuda") * d**-0.25).to(DT)
-            v = torch.randn(L, nKV, d, device="cuda").to(DT)
-            cu = torch.tensor([0, L], device="cuda", dtype=torch.int32)
-            blocks = block_ids_from_ranges(L, image_ranges(L)).to("cuda", torch.int32)
-            for name, wl, bl in (("causal", None, None), ("window1024", WINDOW - 1, None),
-                                 ("window1024+images", WINDOW - 1, blocks)):  # fmt: skip
-                pairs = allowed_pairs(L, wl, 0, bl)
-                bench_case(rep, name, q, k, v, cu, wl, 0, bl, d, nH, pairs, args, t_start)
-            del q, k, v
-            torch.cuda.empty_cache()
     d, nH = 72, 16
     for n_img, L in ((1, 1024), (1, 2304), (1, 4096), (8, 1024)):
         T = n_img * L
@@ -197,12 +185,28 @@ def main():
             bench_case(rep, "vision", q, k, v, cu, None, None, None, d, nH, L * L, args, t_start)
         else:  # packed images: the kernel runs them in one launch; SDPA/flex rows are per image
             tflop = 4 * n_img * L * L * d * nH / 1e12
-            fn = lambda: ops.attention_varlen(q, k, v, cu, cu, window_left=None, window_right=None,  # noqa: E731
-                                              backend="mma_sync", check_offsets=False)
-            t = timed(fn, 20)
-            rep.add(case=f"vision x{n_img}", L=L, d=d, heads=nH, tflop=tflop, gemma4x_mma_sync=t)
-            cell = f"{t:.0f}us/{tflop / (t * 1e-6):.0f}TF" if isinstance(t, float) else t
-            print(f"vision x{n_img:<14} L={L:<6} d={d:<3} {nH}/{nH}  gemma4x_mma_sync={cell}", flush=True)
+            row, cells = dict(case=f"vision x{n_img}", L=L, d=d, heads=nH, tflop=tflop), []
+            for be in ("mma_sync", "mma_sync_m64"):
+                fn = lambda be=be: ops.attention_varlen(q, k, v, cu, cu, window_left=None,  # noqa: E731
+                                                        window_right=None, backend=be, check_offsets=False)
+                row[f"gemma4x_{be}"] = t = timed(fn, 20)
+                cells.append(f"gemma4x_{be}=" + (f"{t:.0f}us/{tflop / (t * 1e-6):.0f}TF" if isinstance(t, float) else t))
+            rep.add(**row)
+            print(f"vision x{n_img:<14} L={L:<6} d={d:<3} {nH}/{nH}  " + "  ".join(cells), flush=True)
+    lengths = [1024, 8192] if args.quick else [1024, 8192, 32768]
+    for L in lengths:
+        for d, nH, nKV in ((512, 16, 2), (256, 16, 8)):
+            q = (torch.randn(L, nH, d, device="cuda") * d**-0.25).to(DT)
+            k = (torch.randn(L, nKV, d, device="cuda") * d**-0.25).to(DT)
+            v = torch.randn(L, nKV, d, device="cuda").to(DT)
+            cu = torch.tensor([0, L], device="cuda", dtype=torch.int32)
+            blocks = block_ids_from_ranges(L, image_ranges(L)).to("cuda", torch.int32)
+            for name, wl, bl in (("causal", None, None), ("window1024", WINDOW - 1, None),
+                                 ("window1024+images", WINDOW - 1, blocks)):  # fmt: skip
+                pairs = allowed_pairs(L, wl, 0, bl)
+                bench_case(rep, name, q, k, v, cu, wl, 0, bl, d, nH, pairs, args, t_start)
+            del q, k, v
+            torch.cuda.empty_cache()
     print("json:", rep.write())
 
 

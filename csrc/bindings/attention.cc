@@ -22,7 +22,7 @@ void register_attention(py::module_& m) {
          uintptr_t tile_cum, uintptr_t q_block, uintptr_t k_block, uintptr_t kb_min, uintptr_t kb_max, int32_t batch,
          int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t total_q, int32_t total_k,
          int32_t tiles_bound, int32_t block_m, int32_t window_left, int32_t window_right, bool unified, float scale,
-         bool use_wgmma, int32_t dtype, uintptr_t stream) {
+         int32_t variant, int32_t dtype, uintptr_t stream) {
         if (py::len(strides) != 8) throw std::invalid_argument("attention_varlen: strides must have 8 entries");
         AttentionVarlenParams p{};
         p.q = as_ptr(q);
@@ -55,17 +55,17 @@ void register_attention(py::module_& m) {
         p.window_left = window_left;
         p.window_right = window_right;
         p.unified = unified ? 1 : 0;
-        attention_varlen(p, dtype_from_code(dtype, "attention_varlen dtype"), scale, use_wgmma,
+        attention_varlen(p, dtype_from_code(dtype, "attention_varlen dtype"), scale, variant,
                          reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("cu_q"), py::arg("cu_k"),
       py::arg("tile_cum"), py::arg("q_block"), py::arg("k_block"), py::arg("kb_min"), py::arg("kb_max"),
       py::arg("batch"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("total_q"),
       py::arg("total_k"), py::arg("tiles_bound"), py::arg("block_m"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("unified"), py::arg("scale"), py::arg("use_wgmma"), py::arg("dtype"), py::arg("stream"));
+      py::arg("unified"), py::arg("scale"), py::arg("variant"), py::arg("dtype"), py::arg("stream"));
 
-  // Query rows per CTA for a head dim (tile_cum is built with it); 0 when unsupported.
-  m.def("attention_varlen_block_m", &attention_varlen_block_m, py::arg("head_dim"));
+  // Query rows per CTA for (head dim, variant) (tile_cum is built with it); 0 when unsupported.
+  m.def("attention_varlen_block_m", &attention_varlen_block_m, py::arg("head_dim"), py::arg("variant"));
 #else
   // Built without an sm_90 target: the wrapper reads this and falls back to SDPA.
   m.attr("has_sm90") = false;

@@ -18,7 +18,7 @@ from gemma4x.reference.attention_varlen import block_ids_from_ranges
 
 pytestmark = pytest.mark.cuda
 
-BACKENDS = ("wgmma", "mma_sync")
+BACKENDS = tuple(attn_ops.BACKENDS)
 
 
 def _sm90():
@@ -169,8 +169,9 @@ def test_long_sliding_with_images(gen):
 def test_block_m_matches_kernel():
     from gemma4x.ops._load import extension
 
-    for d, m in attn_ops.BLOCK_M.items():
-        assert extension().attention.attention_varlen_block_m(d) == m
+    for d in attn_ops.HEAD_DIMS:
+        for variant in attn_ops.BACKENDS.values():
+            assert extension().attention.attention_varlen_block_m(d, variant) == attn_ops.block_m(d, variant)
 
 
 @needs_sm90
@@ -197,10 +198,10 @@ def test_opcheck(gen):
     q, k, v, cq, ck = _inputs([(70, 70), (10, 40)], 4, 2, 256, torch.bfloat16, gen)
     b = torch.full((110,), -1, dtype=torch.int32, device="cuda")
     torch.library.opcheck(
-        torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, 0, False, 1.0, True)
+        torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, 0, False, 1.0, 1)
     )
     torch.library.opcheck(
-        torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, b[:80], b, 9, 0, False, 1.0, False)
+        torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, b[:80], b, 9, 0, False, 1.0, 2)
     )
 
 

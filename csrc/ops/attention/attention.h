@@ -10,11 +10,11 @@
 namespace gemma4x::attention {
 
 // Validates every argument, checks that the current GPU is compute capability 9.0 (the sm_90a code
-// runs nowhere else), fills p.block_m and launches on `stream`. use_wgmma = false runs the
-// mma.sync variant (the only one for head dim 72).
-void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, bool use_wgmma, cudaStream_t stream);
+// runs nowhere else) and launches on `stream`. `variant` bit 0: warpgroup MMAs (head dims 64/256/512;
+// head dim 72 always runs mma.sync); bit 1: 64-row tiles, several CTAs per SM (head dims 256/64/72).
+void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int variant, cudaStream_t stream);
 
-// Query rows per CTA for head dim d (the caller builds tile_cum with it); 0 if d is unsupported.
-int attention_varlen_block_m(int head_dim);
+// Query rows per CTA for (head dim, variant) (the caller builds tile_cum with it); 0 if unsupported.
+int attention_varlen_block_m(int head_dim, int variant);
 
 }  // namespace gemma4x::attention

@@ -1,5 +1,6 @@
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "attention.h"
 #include "gemma4x/attention/attention_varlen_sm90.cuh"
@@ -10,20 +11,25 @@ namespace {
 
 constexpr const char* kOp = "attention_varlen";
 
-// Tile shapes (rows x keys x d per CTA), one per head dim Gemma 4 uses:
+// Tile shapes (rows x keys x d per CTA), one per head dim Gemma 4 uses; `variant` bit 0 picks
+// wgmma (else mma.sync), bit 1 the 64-row tile (several CTAs per SM instead of one large CTA).
 //  d 512: 64 query rows, two warpgroups each owning half of d (kDSplit 2). Q, K, V tiles are
 //         64 KB each (192 KB) + 32 KB of partial-S exchange: the whole 227 KB, one CTA per SM.
-//  d 256: 128 query rows, two warpgroups of 64 rows. 128 KB of tiles, one CTA per SM
-//         (O is 128 fp32 registers per thread).
-//  d 64 / 72 (vision): 128 rows, d padded to 64 / 80 inside the kernel; 33-39 KB, two CTAs per SM.
+//  d 256: 128 query rows, two warpgroups of 64 rows, 128 KB of tiles, one CTA per SM (O is 128
+//         fp32 registers per thread); or 64 rows, one warpgroup, 96 KB, two CTAs per SM, whose
+//         barriers and softmax then overlap the other CTA's MMAs.
+//  d 64 / 72 (vision): 128 (2 CTAs per SM) or 64 rows (3 per SM), d padded to 64 / 80 inside
+//         the kernel; 33-39 KB per CTA.
 template <typename T, bool W>
 using Cfg512 = AttnConfig<T, 512, 64, 2, W, 1>;
-template <typename T, bool W>
-using Cfg256 = AttnConfig<T, 256, 128, 1, W, 1>;
-template <typename T, bool W>
-using Cfg64 = AttnConfig<T, 64, 128, 1, W, 2>;
-template <typename T>
-using Cfg80 = AttnConfig<T, 80, 128, 1, false, 2>;
+template <typename T, bool W, bool S>
+using Cfg256 = std::conditional_t<S, AttnConfig<T, 256, 64, 1, W, 2>, AttnConfig<T, 256, 128, 1, W, 1>>;
+template <typename T, bool W, bool S>
+using Cfg64 = std::conditional_t<S, AttnConfig<T, 64, 64, 1, W, 3>, AttnConfig<T, 64, 128, 1, W, 2>>;
+template <typename T, bool S>
+using Cfg80 = std::conditional_t<S, AttnConfig<T, 80, 64, 1, false, 3>, AttnConfig<T, 80, 128, 1, false, 2>>;
+
+constexpr int kVariantWgmma = 1, kVariantSmallTile = 2;
 
 template <class Cfg>
 void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
@@ -39,14 +45,22 @@ void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
   check_launch("attention_varlen_kernel");
 }
 
-template <typename T>
-void dispatch(const AttentionVarlenParams& p, bool use_wgmma, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 512: return use_wgmma ? launch<Cfg512<T, true>>(p, stream) : launch<Cfg512<T, false>>(p, stream);
-    case 256: return use_wgmma ? launch<Cfg256<T, true>>(p, stream) : launch<Cfg256<T, false>>(p, stream);
-    case 64: return use_wgmma ? launch<Cfg64<T, true>>(p, stream) : launch<Cfg64<T, false>>(p, stream);
-    case 72: return launch<Cfg80<T>>(p, stream);
-    default: fail_argument(kOp, ": head_dim must be 64, 72, 256 or 512, got ", p.head_dim);
+// Calls f(Cfg{}) with the config of (head_dim, variant); false if head_dim is unsupported.
+template <typename T, typename F>
+bool with_config(int head_dim, int variant, F&& f) {
+  const bool w = variant & kVariantWgmma, s = variant & kVariantSmallTile;
+  switch (head_dim) {
+    case 512: w ? f(Cfg512<T, true>{}) : f(Cfg512<T, false>{}); return true;
+    case 256:
+      if (w) { s ? f(Cfg256<T, true, true>{}) : f(Cfg256<T, true, false>{}); }
+      else { s ? f(Cfg256<T, false, true>{}) : f(Cfg256<T, false, false>{}); }
+      return true;
+    case 64:
+      if (w) { s ? f(Cfg64<T, true, true>{}) : f(Cfg64<T, true, false>{}); }
+      else { s ? f(Cfg64<T, false, true>{}) : f(Cfg64<T, false, false>{}); }
+      return true;
+    case 72: s ? f(Cfg80<T, true>{}) : f(Cfg80<T, false>{}); return true;
+    default: return false;
   }
 }
 
@@ -75,20 +89,17 @@ void check_stride(const char* name, int64_t stride) {
 
 }  // namespace
 
-int attention_varlen_block_m(int head_dim) {
-  switch (head_dim) {
-    case 512: return Cfg512<__nv_bfloat16, true>::kBlockM;
-    case 256: return Cfg256<__nv_bfloat16, true>::kBlockM;
-    case 64: return Cfg64<__nv_bfloat16, true>::kBlockM;
-    case 72: return Cfg80<__nv_bfloat16>::kBlockM;
-    default: return 0;
-  }
+int attention_varlen_block_m(int head_dim, int variant) {
+  int block_m = 0;
+  with_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
+  return block_m;
 }
 
-void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, bool use_wgmma, cudaStream_t stream) {
+void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int variant, cudaStream_t stream) {
   GEMMA4X_CHECK_ARG(dtype == DType::kBFloat16 || dtype == DType::kFloat16, kOp,
                     ": dtype must be bfloat16 or float16, got ", dtype_name(dtype));
-  const int block_m = attention_varlen_block_m(p.head_dim);
+  GEMMA4X_CHECK_ARG(variant >= 0 && variant <= 3, kOp, ": variant must be in [0, 3], got ", variant);
+  const int block_m = attention_varlen_block_m(p.head_dim, variant);
   GEMMA4X_CHECK_ARG(block_m > 0, kOp, ": head_dim must be 64, 72, 256 or 512, got ", p.head_dim);
   GEMMA4X_CHECK_ARG(p.block_m == block_m, kOp, ": tile_cum was built for ", p.block_m, "-row tiles, the kernel uses ",
                     block_m);
@@ -121,10 +132,11 @@ void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, bool us
     check_stride(name, s);
   check_device();
   p.scale_log2 = scale * 1.4426950408889634f;
+  auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
   if (dtype == DType::kBFloat16) {
-    dispatch<__nv_bfloat16>(p, use_wgmma && p.head_dim != 72, stream);
+    with_config<__nv_bfloat16>(p.head_dim, variant, run);
   } else {
-    dispatch<__half>(p, use_wgmma && p.head_dim != 72, stream);
+    with_config<__half>(p.head_dim, variant, run);
   }
 }
 

@@ -42,19 +42,27 @@ from gemma4x.reference.attention import attention_mask
 
 OP = "attention_varlen"
 HEAD_DIMS = (64, 72, 256, 512)
-# Query rows per CTA by head dim (csrc/ops/attention/attention_varlen_sm90.cu; a GPU test compares).
-BLOCK_M = {512: 64, 256: 128, 64: 128, 72: 128}
 KEY_TILE = 64  # keys per tile; the per-tile block-id summaries use this granularity
 MAX_GRID_Y = 65535
 _DTYPES = (torch.bfloat16, torch.float16)
-# "wgmma" (default): warpgroup MMAs for head dims 64/256/512; "mma_sync": warp-level MMAs everywhere.
-_BACKENDS = ("wgmma", "mma_sync")
+# Kernel variants (csrc/ops/attention/attention_varlen_sm90.cu): bit 0 warpgroup MMAs (wgmma; head
+# dim 72 always runs mma.sync), bit 1 64-row tiles with several CTAs per SM (head dims 256/64/72;
+# head dim 512 always uses 64-row tiles and one CTA per SM).
+BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2}
+
+
+def block_m(d: int, variant: int) -> int:
+    """Query rows per CTA of the kernel for head dim ``d`` (a GPU test compares with the extension)."""
+    return 64 if d == 512 or variant & 2 else 128
+
+
+DEFAULT_BACKEND = "wgmma"
 
 
 def _default_backend() -> str:
-    b = os.environ.get("GEMMA4X_ATTN_MMA", "wgmma")
-    if b not in _BACKENDS:
-        raise ValueError(f"GEMMA4X_ATTN_MMA must be one of {_BACKENDS}, got {b!r}")
+    b = os.environ.get("GEMMA4X_ATTN_MMA", DEFAULT_BACKEND)
+    if b not in BACKENDS:
+        raise ValueError(f"GEMMA4X_ATTN_MMA must be one of {tuple(BACKENDS)}, got {b!r}")
     return b
 
 
@@ -118,7 +126,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, scale) ->
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{OP}: scale must be a finite float > 0, got {scale!r}")
     B = cu_seqlens_q.numel() - 1
-    tiles = -(-Nq // BLOCK_M[int(d)]) + B
+    tiles = -(-Nq // 64) + B  # the smallest tile: a bound for every variant
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{OP}: {Nq} query tokens in {B} sequences need {tiles} tiles, over the limit {MAX_GRID_Y}")
     if max(Nq, Nk) >= 2**30:
@@ -178,7 +186,7 @@ def _attention_varlen_op(
     window_right: int,
     unified: bool,
     scale: float,
-    use_wgmma: bool,
+    variant: int,
 ) -> torch.Tensor:
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, scale)
     Nq, nH, d = q.shape
@@ -187,10 +195,10 @@ def _attention_varlen_op(
     if Nq == 0:
         return out
     B = cu_seqlens_q.numel() - 1
-    block_m = BLOCK_M[d]
+    bm = block_m(d, variant)
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
-    tiles = (cu_q[1:] - cu_q[:-1] + block_m - 1) // block_m
+    tiles = (cu_q[1:] - cu_q[:-1] + bm - 1) // bm
     tile_cum = F.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0)).contiguous()
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
@@ -204,14 +212,14 @@ def _attention_varlen_op(
         extension().attention.attention_varlen(
             out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(),
             tile_cum.data_ptr(), ptr(qb), ptr(kb), ptr(kb_min), ptr(kb_max),
-            B, nH, nKV, d, Nq, Nk, -(-Nq // block_m) + B, block_m, window_left, window_right, unified,
-            float(scale), use_wgmma, DTYPE_CODES[q.dtype], stream,
+            B, nH, nKV, d, Nq, Nk, -(-Nq // bm) + B, bm, window_left, window_right, unified,
+            float(scale), variant, DTYPE_CODES[q.dtype], stream,
         )  # fmt: skip
     return out
 
 
 @_attention_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, window_left, window_right, unified, scale, use_wgmma):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, window_left, window_right, unified, scale, variant):
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, scale)
     return q.new_empty(q.shape)
 
@@ -268,8 +276,9 @@ def attention_varlen(
             neither; compared only inside one sequence.
         unified: gemma4_unified's block overlay (see the module docstring).
         scale: multiplies ``q.k``, finite and ``> 0`` (Gemma 4 uses 1.0).
-        backend: ``"wgmma"`` or ``"mma_sync"`` (default: ``$GEMMA4X_ATTN_MMA`` or ``"wgmma"``;
-            head dim 72 always runs ``"mma_sync"``).
+        backend: one of :data:`BACKENDS` (default: ``$GEMMA4X_ATTN_MMA`` or :data:`DEFAULT_BACKEND`):
+            ``"wgmma"`` / ``"mma_sync"`` pick the MMA instructions (head dim 72 always runs
+            mma.sync), the ``_m64`` forms 64-row tiles with several CTAs per SM.
         check_offsets: check the offsets' values on the host (one sync; skipped during CUDA-graph
             capture). Callers that build the offsets themselves pass False.
 
@@ -281,8 +290,8 @@ def attention_varlen(
     if not q.is_cuda:
         raise ValueError(f"{OP}: q must be a CUDA tensor, got device {q.device} (use gemma4x.reference on CPU)")
     backend = backend or _default_backend()
-    if backend not in _BACKENDS:
-        raise ValueError(f"{OP}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{OP}: backend must be one of {tuple(BACKENDS)}, got {backend!r}")
     if check_offsets and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if not kernel_supported(q):
@@ -291,5 +300,5 @@ def attention_varlen(
         )
     return torch.ops.gemma4x.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, wl, wr, bool(unified), float(scale),
-        backend == "wgmma",
+        BACKENDS[backend],
     )  # fmt: skip
