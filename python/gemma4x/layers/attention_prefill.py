@@ -24,7 +24,7 @@ import torch
 def _prefill_kernel_applies(q: torch.Tensor, K: torch.Tensor, positions: torch.Tensor, k_pos: torch.Tensor) -> bool:
     if k_pos is not positions or q.dim() != 4 or K.dim() != 4:
         return False
-    B, T, nH, d = q.shape
+    B, T, nH, _ = q.shape
     if T < 2 or K.shape[1] != T or K.shape[0] != B or nH % K.shape[2] != 0:
         return False
     from gemma4x.ops.attention import kernel_supported
