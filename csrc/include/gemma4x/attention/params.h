@@ -38,7 +38,7 @@ struct AttentionVarlenParams {
   int32_t tiles_bound;       // grid.y: ceil(Nq / kBlockM) + B >= tile_cum[B]
   int32_t window_left, window_right;  // kNoWindow = unbounded
   int32_t unified;
-  int32_t block_m;           // kBlockM of the config (filled by the launcher)
+  int32_t block_m;           // rows per tile tile_cum was built with; the launcher checks it against the config
   float scale_log2;          // scale * log2(e)
 };
 
