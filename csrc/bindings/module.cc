@@ -14,6 +14,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_moe(moe);
   auto gemm = m.def_submodule("gemm", "NVFP4 W4A4 block-scaled GEMM (sm_100a builds only; gemm.has_sm100 says)");
   gemma4x::bindings::register_gemm(gemm);
+  auto attention = m.def_submodule("attention", "prefill / vision attention over packed varlen sequences (sm_90a builds only; attention.has_sm90 says)");
+  gemma4x::bindings::register_attention(attention);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
+from gemma4x.layers.attention_prefill import with_prefill_kernel
 from gemma4x.reference import activation as _act
 from gemma4x.reference import attention as _attn
 from gemma4x.reference import moe as _moe
@@ -61,5 +62,5 @@ def ops_for(x: torch.Tensor, native: bool = False) -> SimpleNamespace:
     if _CUDA is None:
         from gemma4x.ops import cuda_kernels_available
 
-        _CUDA = _cuda_namespace() if cuda_kernels_available() else REFERENCE
+        _CUDA = with_prefill_kernel(_cuda_namespace()) if cuda_kernels_available() else REFERENCE
     return _CUDA

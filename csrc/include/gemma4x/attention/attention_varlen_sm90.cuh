@@ -1,0 +1,581 @@
+// Prefill / vision attention over packed variable-length sequences (Hopper, sm_90a).
+//
+// One CTA computes a kBlockM x d output tile of one query head of one sequence. It walks the key
+// tiles (kBlockN = 64 keys) that its mask can reach, classifying each one first:
+//   skip    no (query, key) pair of the tile is allowed: no load, no math;
+//   full    every pair is allowed: no per-element mask;
+//   partial per-element mask (window edges, image blocks, sequence end).
+// Online softmax in fp32 (exp2 with scale * log2 e folded), P rounded to the input type for P.V.
+//
+// Data movement: cp.async 16-byte copies into swizzled shared memory, K and V single-buffered
+// and overlapped with the math (V(n) lands during S = Q K(n)^T, K(n-1) during O += P V(n)), the
+// scheme of FlashAttention-2. The math runs either on warpgroup MMAs (kWgmma: S = Q K^T with both
+// operands from shared memory, O += P V with P from registers and V transposed by the descriptor)
+// or on warp-level mma.sync m16n8k16 with ldmatrix (any head dim that is a multiple of 16 after
+// padding, e.g. 72 -> 80).
+//
+// Head dim 512: a 64 x 512 fp32 O tile is 256 registers per thread for one warpgroup, too many.
+// kDSplit = 2 gives each of two warpgroups half of d: both compute a partial S over their half of
+// d, exchange it through shared memory (named barrier per warp pair), sum it (identically in both,
+// fp32 addition commutes), run the same softmax and each accumulates its half of O. No flop is
+// repeated; the price is a 16 KB fp32 round trip through shared memory per warpgroup and key tile.
+//
+// Shared-memory layout of a [rows, HD] tile (HD % 64 == 0): HD/64 regions of [rows, 64] elements,
+// 128-byte rows, 16-byte chunk c of row r stored at chunk c ^ (r % 8): the canonical 128B-swizzle
+// layout of wgmma (K-major for Q and K, MN-major for V), also conflict-free for ldmatrix.
+// HD = 80 (head dim 72 padded): plain rows padded by one chunk (176-byte pitch, conflict-free).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "gemma4x/attention/params.h"
+
+namespace gemma4x::attention {
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  static constexpr bool kBf16 = true;
+};
+template <>
+struct MmaType<__half> {
+  static constexpr bool kBf16 = false;
+};
+
+template <typename T, int HD_, int kBlockM_, int kDSplit_, bool kWgmma_, int kMinBlocks_>
+struct AttnConfig {
+  using Element = T;
+  static constexpr int HD = HD_;  // padded head dim in shared memory / registers
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kKeyTile;
+  static constexpr int kDSplit = kDSplit_;
+  static constexpr bool kWgmma = kWgmma_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarps = kWarpsM * kDSplit;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kHDw = HD / kDSplit;  // d columns each warp contracts (S) and owns (O)
+  static constexpr bool kRegions = HD % 64 == 0;
+  static constexpr int kChunks = HD / 8;                            // 16-byte chunks per row
+  static constexpr int kPitch = kRegions ? 64 : (kChunks + 1) * 8;  // elements per smem row (padded layout)
+  static constexpr int kQElems = kBlockM * (kRegions ? HD : kPitch);
+  static constexpr int kKElems = kBlockN * (kRegions ? HD : kPitch);
+  static constexpr int kSxFloats = kDSplit > 1 ? kWarps * 16 * kBlockN : 0;
+  static constexpr int kSmemBytes = (kQElems + 2 * kKElems) * 2 + kSxFloats * 4 + 1024;  // +1024: alignment
+
+  static_assert(HD % 16 == 0, "head dim must be padded to a multiple of 16");
+  static_assert(kHDw % 16 == 0, "each warp's d slice must be a multiple of 16");
+  static_assert(kDSplit == 1 || kDSplit == 2, "d is split in at most two halves");
+  static_assert(kDSplit == 1 || kBlockM == 64, "the d split pairs two warpgroups over one 64-row tile");
+  static_assert(!kWgmma || (kRegions && kHDw % 64 == 0), "wgmma needs the 128B-swizzle regions");
+  static_assert(!kWgmma || kBlockM % 64 == 0, "a warpgroup owns 64 query rows");
+  static_assert(kThreads <= 512, "CTA too large");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// ----------------------------------------------------------------------------------------------
+// PTX helpers.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// cp.async writes through the generic proxy; wgmma reads shared memory through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (kBf16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// ---- wgmma (sm_90a) ----
+// Shared-memory matrix descriptor, 128B swizzle: start >> 4 in bits 0-13, leading byte offset >> 4
+// in 16-29, stride byte offset >> 4 in 32-45, layout type 1 (SWIZZLE_128B) in bits 62-63. Regions
+// are 1024-byte aligned, so the base offset is 0.
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+  d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Register order of an m64n64 fp32 accumulator: d[4j + r] = fragment r of n8 tile j (the mma.sync
+// m16n8 C layout per warp: r = 0,1 row lane/4, r = 2,3 row lane/4 + 8; columns 8j + 2(lane%4) + {0,1}).
+#define G4X_ACC32(a)                                                                                            \
+  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),    \
+      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
+      "+f"(a[3][2]), "+f"(a[3][3]), "+f"(a[4][0]), "+f"(a[4][1]), "+f"(a[4][2]), "+f"(a[4][3]), "+f"(a[5][0]), \
+      "+f"(a[5][1]), "+f"(a[5][2]), "+f"(a[5][3]), "+f"(a[6][0]), "+f"(a[6][1]), "+f"(a[6][2]), "+f"(a[6][3]), \
+      "+f"(a[7][0]), "+f"(a[7][1]), "+f"(a[7][2]), "+f"(a[7][3])
+#define G4X_D32                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// acc[64 x 64] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss_64x64(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : G4X_ACC32(acc)
+        : "l"(da), "l"(db), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : G4X_ACC32(acc)
+        : "l"(da), "l"(db), "r"(accumulate));
+  }
+#endif
+}
+
+// acc[64 x 64] += A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, MN-major).
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs_64x64_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : G4X_ACC32(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : G4X_ACC32(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  }
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+
+template <class Cfg>
+struct SmemTile {
+  // Element offset of 16-byte chunk `chunk` of row `row` in a tile of `rows` rows.
+  __device__ __forceinline__ static int off(int row, int chunk, int rows) {
+    if constexpr (Cfg::kRegions) {
+      return (chunk >> 3) * rows * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+    } else {
+      return row * Cfg::kPitch + (chunk << 3);
+    }
+  }
+};
+
+// Copy rows [row0, row0 + ROWS) of a [*, d] global matrix (row stride `stride`) into a swizzled
+// tile; rows >= valid_rows and chunks >= d/8 are zero-filled.
+template <class Cfg, int ROWS>
+__device__ __forceinline__ void load_tile(typename Cfg::Element* smem, const typename Cfg::Element* gbase,
+                                          int64_t stride, int valid_rows, int d_chunks) {
+  constexpr int kTotal = ROWS * Cfg::kChunks;
+  constexpr int kIters = (kTotal + Cfg::kThreads - 1) / Cfg::kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = it * Cfg::kThreads + threadIdx.x;
+    if (kTotal % Cfg::kThreads != 0 && i >= kTotal) break;
+    const int row = i / Cfg::kChunks;
+    const int chunk = i % Cfg::kChunks;
+    const bool valid = row < valid_rows && chunk < d_chunks;
+    const typename Cfg::Element* src = valid ? gbase + row * stride + chunk * 8 : gbase;
+    cp_async_16(smem_u32(smem + SmemTile<Cfg>::off(row, chunk, ROWS)), src, valid);
+  }
+}
+
+struct TileClass {
+  static constexpr int kSkip = 0, kPartial = 1, kFull = 2;
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    attention_varlen_kernel(const __grid_constant__ AttentionVarlenParams p) {
+  using T = typename Cfg::Element;
+  constexpr bool kBf16 = MmaType<T>::kBf16;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw;
+  constexpr int kNT = kBlockN / 8;        // n8 tiles of S per warp
+  constexpr int kOT = kHDw / 8;           // n8 tiles of O per warp
+  constexpr int64_t kBig = 1LL << 40;     // "unbounded" in 64-bit position arithmetic
+
+  extern __shared__ char smem_raw[];
+  char* smem_base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sQ = reinterpret_cast<T*>(smem_base);
+  T* sK = sQ + Cfg::kQElems;
+  T* sV = sK + Cfg::kKElems;
+  float* sX = reinterpret_cast<float*>(sV + Cfg::kKElems);
+  __shared__ int s_qbmin, s_qbmax;
+
+  const int h = blockIdx.x;
+  const int tile = blockIdx.y;
+  if (tile >= p.tile_cum[p.batch]) return;
+  // Sequence of this tile: the largest b with tile_cum[b] <= tile (empty sequences own no tile).
+  int lo = 0, hi = p.batch;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (p.tile_cum[mid] <= tile) lo = mid; else hi = mid;
+  }
+  const int b = lo;
+  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
+  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
+  const int n_m = (Lq + kBlockM - 1) / kBlockM;
+  const int m_block = n_m - 1 - (tile - p.tile_cum[b]);  // heaviest (last) causal tiles first
+  const int m0 = m_block * kBlockM;
+  const int rows_valid = min(kBlockM, Lq - m0);
+  const int64_t off = static_cast<int64_t>(Lk) - Lq;  // query i has position i + off
+
+  const int kvh = h / (p.num_heads / p.num_kv_heads);
+  const T* gQ = static_cast<const T*>(p.q) + (q_start + m0) * p.q_row_stride + h * p.q_head_stride;
+  const T* gK = static_cast<const T*>(p.k) + k_start * p.k_row_stride + kvh * p.k_head_stride;
+  const T* gV = static_cast<const T*>(p.v) + k_start * p.v_row_stride + kvh * p.v_head_stride;
+  const int d_chunks = p.head_dim / 8;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = warp % Cfg::kWarpsM;  // 16-row slice of the tile
+  const int dh = warp / Cfg::kWarpsM;  // d half (kDSplit == 2)
+  const bool has_blocks = p.q_block != nullptr;
+  const int64_t wl = p.window_left < 0 ? kBig : p.window_left;
+  const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
+
+  // Block-id summary of this tile's queries.
+  if (has_blocks) {
+    if (threadIdx.x == 0) { s_qbmin = INT_MAX; s_qbmax = -1; }
+    __syncthreads();
+    if (threadIdx.x < rows_valid) {
+      const int id = p.q_block[q_start + m0 + threadIdx.x];
+      if (id >= 0) { atomicMin(&s_qbmin, id); atomicMax(&s_qbmax, id); }
+    }
+    __syncthreads();
+  }
+  const int qbmin = has_blocks ? s_qbmin : INT_MAX;
+  const int qbmax = has_blocks ? s_qbmax : -1;
+
+  // Key range the mask can reach; image blocks may reach past the right bound (and, unified,
+  // past the left bound).
+  const int64_t p_lo = m0 + off, p_hi = m0 + rows_valid - 1 + off;
+  const bool blocks_right = has_blocks && qbmax >= 0;
+  const bool blocks_left = blocks_right && p.unified;
+  int64_t s_max = blocks_right ? Lk - 1 : imin64(Lk - 1, p_hi + wr);
+  int64_t s_min = blocks_left ? 0 : imax64(0, p_lo - wl);
+  const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
+  const int n_lo = static_cast<int>(s_min / kBlockN);
+
+  auto classify = [&](int n) -> int {
+    const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
+    const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
+    const bool left_none = p_lo - s1 > wl;   // every pair violates the left bound
+    const bool right_none = s0 - p_hi > wr;  // every pair violates the right bound
+    const bool all = (s1 - p_lo <= wr) && (p_hi - s0 <= wl) && (s0 + kBlockN <= Lk);
+    bool overlap = false;
+    if (blocks_right) {
+      const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
+      const int c1 = (k_start + static_cast<int>(s1)) / kKeyTile;
+      const int kmin = min(p.kb_min[c0], p.kb_min[c1]);
+      const int kmax = max(p.kb_max[c0], p.kb_max[c1]);
+      overlap = kmin <= qbmax && qbmin <= kmax;
+    }
+    if (all) return TileClass::kFull;
+    if (p.unified) {
+      if (overlap) return TileClass::kPartial;
+      return (left_none || right_none) ? TileClass::kSkip : TileClass::kPartial;
+    }
+    if (left_none) return TileClass::kSkip;
+    if (right_none) return overlap ? TileClass::kPartial : TileClass::kSkip;
+    return TileClass::kPartial;
+  };
+  // Next tile at or below n that is not skipped, or -1.
+  auto next_tile = [&](int n) -> int {
+    for (; n >= n_lo; --n)
+      if (classify(n) != TileClass::kSkip) return n;
+    return -1;
+  };
+
+  // Rows of this thread (two per thread, m16n8 C layout): local rows r0, r0 + 8.
+  const int r_loc0 = wm * 16 + (lane >> 2);
+  int64_t qpos[2];
+  int qblk[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = r_loc0 + 8 * i;
+    qpos[i] = m0 + r + off;
+    qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
+  }
+
+  float acc_o[kOT][4];
+#pragma unroll
+  for (int j = 0; j < kOT; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc_o[j][r] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  int n = n_hi >= 0 ? next_tile(n_hi) : -1;
+  if (n >= 0) {
+    load_tile<Cfg, kBlockM>(sQ, gQ, p.q_row_stride, rows_valid, d_chunks);
+    load_tile<Cfg, kBlockN>(sK, gK + static_cast<int64_t>(n) * kBlockN * p.k_row_stride, p.k_row_stride,
+                            Lk - n * kBlockN, d_chunks);
+    cp_async_commit();
+  }
+
+  const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+
+  while (n >= 0) {
+    const int kind = classify(n);
+    cp_async_wait_all();
+    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    __syncthreads();  // K(n) (and Q) landed; every warp is done with V(n+1)
+    load_tile<Cfg, kBlockN>(sV, gV + static_cast<int64_t>(n) * kBlockN * p.v_row_stride, p.v_row_stride,
+                            Lk - n * kBlockN, d_chunks);
+    cp_async_commit();
+
+    // ---- S = Q K^T over this warp's d slice ----
+    float s[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[j][r] = 0.f;
+
+    if constexpr (Cfg::kWgmma) {
+      // Warpgroup g = warp / 4 owns query rows 64 * (g % (kBlockM / 64)) ... and d half dh.
+      const int row_base = (wm / 4) * 64;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHDw / 16; ++ks) {
+        const int col = dh * kHDw + ks * 16;
+        const int region = col / 64, within = (col % 64) * 2;  // bytes inside the 128-byte row
+        const uint32_t a_addr = sQ_u + (region * kBlockM * 64 + row_base * 64) * 2 + within;
+        const uint32_t b_addr = sK_u + (region * kBlockN * 64) * 2 + within;
+        wgmma_ss_64x64<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), 1);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < kHDw / 16; ++ks) {
+        const int chunk0 = (dh * kHDw + ks * 16) / 8;
+        uint32_t a[4];
+        ldmatrix_x4(sQ_u + 2 * SmemTile<Cfg>::off(wm * 16 + (lane & 15), chunk0 + (lane >> 4), kBlockM), a[0], a[1],
+                    a[2], a[3]);
+#pragma unroll
+        for (int j2 = 0; j2 < kNT / 2; ++j2) {
+          uint32_t b0, b1, b2, b3;
+          ldmatrix_x4(sK_u + 2 * SmemTile<Cfg>::off(j2 * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                    chunk0 + ((lane >> 3) & 1), kBlockN),
+                      b0, b1, b2, b3);
+          mma_16816<kBf16>(s[2 * j2], a, b0, b1);
+          mma_16816<kBf16>(s[2 * j2 + 1], a, b2, b3);
+        }
+      }
+    }
+
+    if constexpr (Cfg::kDSplit > 1) {
+      // Exchange the partial S with the partner warp (same rows, other d half).
+      float* mine = sX + warp * 16 * kBlockN;
+      const float* theirs = sX + (warp ^ Cfg::kWarpsM) * 16 * kBlockN;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+        *reinterpret_cast<float4*>(mine + (j * 32 + lane) * 4) = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
+      named_barrier(1 + wm, 64);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const float4 t = *reinterpret_cast<const float4*>(theirs + (j * 32 + lane) * 4);
+        s[j][0] += t.x; s[j][1] += t.y; s[j][2] += t.z; s[j][3] += t.w;
+      }
+    }
+
+    // ---- mask ----
+    if (kind == TileClass::kPartial) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int kj = n * kBlockN + j * 8 + 2 * (lane & 3) + c;
+          const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int64_t dpos = qpos[i] - kj;  // p - s
+            const bool left = dpos <= wl;
+            const bool right = -dpos <= wr;
+            const bool same = kb >= 0 && kb == qblk[i];
+            const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
+            if (!ok) s[j][2 * i + c] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // ---- online softmax ----
+    float rescale[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = row_max[i];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      rescale[i] = row_max[i] == -INFINITY ? 0.f : fast_exp2(row_max[i] * p.scale_log2 - m_use);
+      row_max[i] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float x = s[j][2 * i + c];
+          const float e = x == -INFINITY ? 0.f : fast_exp2(fmaf(x, p.scale_log2, -m_use));
+          s[j][2 * i + c] = e;
+          sum += e;
+        }
+      }
+      row_sum[i] = row_sum[i] * rescale[i] + sum;
+    }
+#pragma unroll
+    for (int j = 0; j < kOT; ++j) {
+      acc_o[j][0] *= rescale[0]; acc_o[j][1] *= rescale[0];
+      acc_o[j][2] *= rescale[1]; acc_o[j][3] *= rescale[1];
+    }
+    // P as A fragments: k16 step t covers S n8 tiles 2t, 2t+1.
+    uint32_t pa[kNT / 2][4];
+#pragma unroll
+    for (int t = 0; t < kNT / 2; ++t) {
+      pa[t][0] = pack2<kBf16>(s[2 * t][0], s[2 * t][1]);
+      pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
+      pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
+      pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
+    }
+
+    const int n_next = next_tile(n - 1);
+    cp_async_wait_all();
+    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    __syncthreads();  // V(n) landed; every warp is done with K(n)
+    if (n_next >= 0) {
+      load_tile<Cfg, kBlockN>(sK, gK + static_cast<int64_t>(n_next) * kBlockN * p.k_row_stride, p.k_row_stride,
+                              Lk - n_next * kBlockN, d_chunks);
+      cp_async_commit();
+    }
+
+    // ---- O += P V over this warp's d slice ----
+    if constexpr (Cfg::kWgmma) {
+      wgmma_fence();
+#pragma unroll
+      for (int rg = 0; rg < kHDw / 64; ++rg) {
+        const int region = dh * (kHDw / 64) + rg;
+#pragma unroll
+        for (int t = 0; t < kNT / 2; ++t) {
+          // MN-major B: 8-key groups 1024 bytes apart (SBO); one 64-column region per instruction.
+          const uint32_t b_addr = sV_u + (region * kBlockN * 64 + t * 16 * 64) * 2;
+          wgmma_rs_64x64_tb<kBf16>(&acc_o[rg * 8], pa[t], gmma_desc(b_addr, kBlockN * 128, 1024));
+        }
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+    } else {
+#pragma unroll
+      for (int t = 0; t < kNT / 2; ++t) {
+#pragma unroll
+        for (int j2 = 0; j2 < kOT / 2; ++j2) {
+          uint32_t b0, b1, b2, b3;
+          const int chunk = (dh * kHDw) / 8 + j2 * 2 + (lane >> 4);
+          ldmatrix_x4_trans(sV_u + 2 * SmemTile<Cfg>::off(t * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), chunk,
+                                                          kBlockN),
+                            b0, b1, b2, b3);
+          mma_16816<kBf16>(acc_o[2 * j2], pa[t], b0, b1);
+          mma_16816<kBf16>(acc_o[2 * j2 + 1], pa[t], b2, b3);
+        }
+      }
+    }
+    n = n_next;
+  }
+
+  // ---- epilogue: O / l, rows < rows_valid, columns < d ----
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = row_sum[i];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    inv[i] = l > 0.f ? 1.f / l : 0.f;
+  }
+  T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = r_loc0 + 8 * i;
+    if (r >= rows_valid) continue;
+#pragma unroll
+    for (int j = 0; j < kOT; ++j) {
+      const int col = dh * kHDw + j * 8 + 2 * (lane & 3);
+      if (col < p.head_dim) {
+        *reinterpret_cast<uint32_t*>(gO + r * p.o_row_stride + col) =
+            pack2<kBf16>(acc_o[j][2 * i] * inv[i], acc_o[j][2 * i + 1] * inv[i]);
+      }
+    }
+  }
+}
+
+}  // namespace gemma4x::attention

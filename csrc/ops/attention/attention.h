@@ -1,0 +1,20 @@
+// Host launcher of the prefill attention kernels. Defined in attention_varlen_sm90.cu, so it exists
+// only in builds whose GEMMA4X_CUDA_ARCHS include an sm_90 target (the binding checks GEMMA4X_HAS_SM90).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "gemma4x/attention/params.h"
+#include "gemma4x/common/dtype.h"
+
+namespace gemma4x::attention {
+
+// Validates every argument, checks that the current GPU is compute capability 9.0 (the sm_90a code
+// runs nowhere else) and launches on `stream`. `variant` bit 0: warpgroup MMAs (head dims 64/256/512;
+// head dim 72 always runs mma.sync); bit 1: 64-row tiles, several CTAs per SM (head dims 256/64/72).
+void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int variant, cudaStream_t stream);
+
+// Query rows per CTA for (head dim, variant) (the caller builds tile_cum with it); 0 if unsupported.
+int attention_varlen_block_m(int head_dim, int variant);
+
+}  // namespace gemma4x::attention
