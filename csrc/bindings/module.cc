@@ -14,6 +14,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_moe(moe);
   auto gemm = m.def_submodule("gemm", "NVFP4 W4A4 block-scaled GEMM (sm_100a builds only; gemm.has_sm100 says)");
   gemma4x::bindings::register_gemm(gemm);
+  auto attention_decode = m.def_submodule("attention_decode", "decode attention over the per-slot KV cache (split-KV)");
+  gemma4x::bindings::register_attention_decode(attention_decode);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

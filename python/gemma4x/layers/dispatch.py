@@ -17,6 +17,7 @@ import torch
 
 from gemma4x.reference import activation as _act
 from gemma4x.reference import attention as _attn
+from gemma4x.reference import attention_decode as _attn_decode
 from gemma4x.reference import moe as _moe
 from gemma4x.reference import norm as _norm
 from gemma4x.reference import rope as _rope
@@ -28,6 +29,7 @@ REFERENCE = SimpleNamespace(
     moe_tail_norm=_norm.moe_tail_norm,
     apply_rope=_rope.apply_rope,
     attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
+    attention_decode=_attn_decode.attention_decode_sdpa,  # decode over the cache: the same SDPA
     gelu_tanh=_act.gelu_tanh,
     moe_router=_moe.moe_router,
     moe_experts=_moe.moe_experts,
@@ -44,6 +46,7 @@ def _cuda_namespace() -> SimpleNamespace:
         apply_rope=_rope.apply_rope,
         # Until the CUDA attention kernels land: SDPA, decode steps without GQA expansion.
         attention=_attn.attention_sdpa_single_query,
+        attention_decode=ops.attention_decode_or_sdpa,  # decode steps: in-place kernel over the cache
         gelu_tanh=_act.gelu_tanh,
         moe_router=ops.moe_router,
         moe_experts=ops.moe_experts,  # decode kernels at T*k <= 64, grouped_mm beyond
