@@ -147,4 +147,5 @@ def test_layer_decode_matches_reference_attention():
     o = ops_for(q).attention_decode(q, kc, vc, q_pos, st, None, window_left=None, scale=1.0, max_kv_len=40)
     K, V, k_pos = dense_kv(kc, vc, q_pos)
     exact = attention(q.float(), K.float(), V.float(), q_pos, k_pos)
-    assert (o.float() - exact).abs().max().item() < 2**-7
+    err_torch = (attention_sdpa(q, K, V, q_pos, k_pos).float() - exact).abs().max().item()
+    assert (o.float() - exact).abs().max().item() <= 2 * err_torch + 2**-10
