@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
+    warnings.filterwarnings("ignore", category=UserWarning)  # SDPA explains each backend it skips
     dtype = torch.bfloat16
     report = Report("bench_attention_decode" + args.tag)
     copy_gbs = copy_bandwidth_gbs()
@@ -114,7 +116,8 @@ def main():
                         err = (out.float().reshape(ref.shape) - ref).abs().max().item()
                         t = time_graph([lambda s=s, fn=fn: fn(*s) for s in sets], replays=20)
                     except Exception as exc:  # a backend that refuses the shape
-                        print(f"  {label} B={B} ctx={ctx} {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                        cells.append(f"{name} n/a")
+                        report.add(shape=label, batch=B, ctx=ctx, impl=name, error=f"{type(exc).__name__}: {exc}"[:200])
                         continue
                     tbs = kv_bytes / (t.median_us * 1e-6) / 1e12
                     report.add(

@@ -8,6 +8,7 @@ SDPA fallback, served every decode-step attention (KV-shared layers included).
 from __future__ import annotations
 
 import copy
+import importlib
 import sys
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def checkpoints(tmp_path_factory):
 def test_decode_kernel_serves_runtime(checkpoints, name, monkeypatch):
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-    import gemma4x.ops.attention_decode as mod
-
+    # The package exports the op under the module's name: fetch the module itself.
+    mod = importlib.import_module("gemma4x.ops.attention_decode")
     calls = []
     real = mod.attention_decode
 

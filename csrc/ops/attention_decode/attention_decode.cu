@@ -105,7 +105,7 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
       }
       if (splits == 0) splits = (2 * slots + base - 1) / base;
       if (splits > max_tiles) splits = max_tiles;
-      if (splits > 1024) splits = 1024;
+      if (splits > kMaxSplits) splits = kMaxSplits;
       return static_cast<int>(splits < 1 ? 1 : splits);
     });
   });
@@ -129,6 +129,7 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
                     p.v_stride_slot, p.v_stride_row, p.v_stride_head}) {
     GEMMA4X_CHECK_ARG(s % 8 == 0, "decode_attention: q, k and v strides must be multiples of 8 elements, got ", s);
   }
+  GEMMA4X_CHECK_ARG(p.num_splits <= kMaxSplits, "decode_attention: ", p.num_splits, " splits > ", kMaxSplits);
   GEMMA4X_CHECK_ARG(p.num_splits == 1 || (p.o_part != nullptr && p.lse_part != nullptr),
                     "decode_attention: ", p.num_splits, " splits need o_part and lse_part");
   with_type(dtype, [&](auto t) {
@@ -140,7 +141,7 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
       launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, p, "decode_attention_kernel");
       if (p.num_splits > 1) {
         const unsigned rows = static_cast<unsigned>(p.batch) * p.tq * p.num_heads;
-        launch(decode_combine_kernel<T, D>, dim3(rows), D / 4, 0, stream, p, "decode_combine_kernel");
+        launch(decode_combine_kernel<T, D>, dim3(rows), kCombineThreads, 0, stream, p, "decode_combine_kernel");
       }
       return 0;
     });
