@@ -99,13 +99,13 @@ def main():
                         def run(q, kc, vc, be=be):
                             with sdpa_kernel(be):
                                 return F.scaled_dot_product_attention(
-                                    q.view(B, nKV, g, d), kc.transpose(1, 2), vc.transpose(1, 2)
+                                    q.view(B, nKV, g, d), kc.transpose(1, 2), vc.transpose(1, 2), scale=1.0
                                 )
 
                         impls[f"sdpa_{name}"] = run
                     if flex is not None and ctx in args.flex_ctx and label == SHAPES[0][0]:
                         impls["flex"] = lambda q, kc, vc: flex(
-                            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True
+                            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), scale=1.0, enable_gqa=True
                         )
                 q0, k0, v0 = sets[0]
                 ref = ops.attention_decode(q0, k0, v0, pos).float()
