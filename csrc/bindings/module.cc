@@ -16,6 +16,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_gemm(gemm);
   auto attention = m.def_submodule("attention", "prefill / vision attention over packed varlen sequences (sm_90a builds only; attention.has_sm90 says)");
   gemma4x::bindings::register_attention(attention);
+  auto attention_decode = m.def_submodule("attention_decode", "decode attention over the per-slot KV cache (split-KV)");
+  gemma4x::bindings::register_attention_decode(attention_decode);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

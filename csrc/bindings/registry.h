@@ -16,5 +16,6 @@ void register_norm(pybind11::module_& m);
 void register_moe(pybind11::module_& m);
 void register_gemm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
+void register_attention_decode(pybind11::module_& m);
 
 }  // namespace gemma4x::bindings

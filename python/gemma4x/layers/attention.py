@@ -5,12 +5,14 @@
     q = rope(q_norm(x @ Wq^T))                              # [B, T, nH, d]
     k = rope(k_norm(x @ Wk^T));  v = v_norm(x @ Wv^T)       # v_norm has no weight
         (attention_k_eq_v on full layers: no Wv, v = v_norm(x @ Wk^T), the raw K projection)
-    K, V, k_pos = kv.update(layer, k, v, positions)         # cache write + visible history
-        (KV-shared "reuse" layers: no k/v at all; K, V, k_pos = the producer's, same forward)
+    keys = kv.update(layer, k, v, positions)                # cache write + visible history
+        (KV-shared "reuse" layers: no k/v at all; keys = the producer's, same forward)
     o = softmax_fp32(q K^T * 1.0 + mask) V  ->  @ Wo^T      # mask from positions and window
 
 The cache is behind ``KVStore``: the model never knows whether keys come from a ring
-buffer, a dense slab or the current tokens only.
+buffer, a dense slab or the current tokens only. ``keys`` is either a plain ``(K, V, k_pos)``
+(prefill, no cache: ``ops.attention``) or a :class:`CachedKV`, a decode step's handle on the
+cache itself, which ``ops.attention_decode`` reads in place up to each sequence's length.
 """
 
 from __future__ import annotations
@@ -25,8 +27,34 @@ from gemma4x.config import TextConfig
 from gemma4x.layers.dispatch import ops_for
 from gemma4x.layers.linear import make_linear
 from gemma4x.layers.norm import RMSNorm
+from gemma4x.reference.attention_decode import dense_kv
 
-KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K [B, Tk, nKV, d], V, k_pos [B, Tk]
+
+
+@dataclass(frozen=True)
+class CachedKV:
+    """One layer's KV cache as a decode step sees it, read in place by ``ops.attention_decode``.
+
+    ``k``, ``v``: ``[num_slots, R, nKV, d]``; ``ring_pos``: ``[num_slots, R]`` positions of a
+    ring (sliding) layer's rows, or None for a full layer (row = position); ``slots``: ``[B]``
+    cache slot of each row of the batch, or None for slots ``0..B-1``; ``kv_len``: a host-side
+    bound on ``max(position) + 1`` (a CUDA graph passes the capacity: the kernel takes each
+    sequence's true length from its positions on the device).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    ring_pos: torch.Tensor | None
+    slots: torch.Tensor | None
+    kv_len: int
+
+    def dense(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same keys as a plain ``(K, V, k_pos)`` (the first ``kv_len`` rows of full layers)."""
+        return dense_kv(self.k, self.v, positions, self.slots, self.ring_pos, self.kv_len)
+
+
+# What a layer attends over: K [B, Tk, nKV, d], V, k_pos [B, Tk]; or a decode step's cache handle.
+KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | CachedKV
 
 
 class KVStore(Protocol):
@@ -95,10 +123,18 @@ class Attention(nn.Module):
             k = ops.apply_rope(ops.rms_norm(k_raw, self.k_norm.weight, self.k_norm.eps), cos, sin)
             v = ops.rms_norm(v_raw, None, self.v_norm.eps)
             keys = kv.update(self.layer, k, v, positions)
-        K, V, k_pos = keys
-        o = ops.attention(
-            q, K, V, positions, k_pos, window_left=self.window_left, window_right=self.window_right, scale=1.0
-        )
+        if isinstance(keys, CachedKV):
+            if self.window_right != 0:
+                raise RuntimeError(f"layer {self.layer}: decode over the cache is causal, window_right={self.window_right}")
+            o = ops.attention_decode(
+                q, keys.k, keys.v, positions, keys.slots, keys.ring_pos,
+                window_left=self.window_left, scale=1.0, max_kv_len=keys.kv_len,
+            )  # fmt: skip
+        else:
+            K, V, k_pos = keys
+            o = ops.attention(
+                q, K, V, positions, k_pos, window_left=self.window_left, window_right=self.window_right, scale=1.0
+            )
         return self.o_proj(o.reshape(B, T, -1)), keys
 
     def forward(self, x, cos, sin, positions, kv: KVStore, shared: KV | None = None) -> tuple[torch.Tensor, KV]:

@@ -4,9 +4,10 @@
 ``gemma4x.ops`` kernels when ``x`` lives on CUDA, the extension is built and ``native`` is
 False; the pure-PyTorch references otherwise (CPU, ``forward_native``). Ops that have no
 CUDA kernel yet point at a PyTorch implementation in both namespaces, so layers never
-branch on the device themselves. Attention uses torch SDPA with an explicit mask (HF's
-default), not the fp32 oracle ``reference.attention.attention``: same contract, and on CPU
-it reproduces HF's bf16 results bit for bit.
+branch on the device themselves. The reference attention is torch SDPA with an explicit mask
+(HF's default), not the fp32 oracle ``reference.attention.attention``: same contract, and on
+CPU it reproduces HF's bf16 results bit for bit. On CUDA, decode steps read the KV cache in
+place (``ops.attention_decode``) and prompt prefill runs the sm_90a varlen kernel.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from gemma4x.layers.attention_prefill import with_prefill_kernel
 from gemma4x.reference import activation as _act
 from gemma4x.reference import attention as _attn
+from gemma4x.reference import attention_decode as _attn_decode
 from gemma4x.reference import moe as _moe
 from gemma4x.reference import norm as _norm
 from gemma4x.reference import rope as _rope
-
 
 REFERENCE = SimpleNamespace(
     rms_norm=_norm.rms_norm,
@@ -29,6 +30,7 @@ REFERENCE = SimpleNamespace(
     moe_tail_norm=_norm.moe_tail_norm,
     apply_rope=_rope.apply_rope,
     attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
+    attention_decode=_attn_decode.attention_decode_sdpa,  # decode over the cache: the same SDPA
     gelu_tanh=_act.gelu_tanh,
     moe_router=_moe.moe_router,
     moe_experts=_moe.moe_experts,
@@ -43,11 +45,13 @@ def _cuda_namespace() -> SimpleNamespace:
         fused_add_rms_norm=ops.fused_add_rms_norm,
         moe_tail_norm=ops.moe_tail_norm,
         apply_rope=_rope.apply_rope,
-        # Until the CUDA attention kernels land: SDPA, decode steps without GQA expansion.
+        # Prompt prefill goes to the sm_90a varlen kernel (with_prefill_kernel, in ops_for); any
+        # other multi-token attention, and other GPUs, run SDPA with an explicit mask.
         attention=_attn.attention_sdpa_single_query,
+        attention_decode=ops.attention_decode_or_sdpa,  # decode steps: in-place kernel over the cache
         gelu_tanh=_act.gelu_tanh,
         moe_router=ops.moe_router,
-        moe_experts=ops.moe_experts,  # decode kernels at T*k <= 64, grouped_mm beyond
+        moe_experts=ops.moe_experts,
     )
 
 

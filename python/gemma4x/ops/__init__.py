@@ -7,13 +7,16 @@ and can be captured in CUDA graphs. Importing this package never needs ``_C``.
 
 from gemma4x.ops._load import ExtensionUnavailableError, cuda_kernels_available
 from gemma4x.ops.attention import attention_varlen
+from gemma4x.ops.attention_decode import attention_decode, attention_decode_or_sdpa
 from gemma4x.ops.gemm import nvfp4_gemm, nvfp4_grouped_gemm
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
 
 __all__ = [
-    "attention_varlen",
     "ExtensionUnavailableError",
+    "attention_decode",
+    "attention_decode_or_sdpa",
+    "attention_varlen",
     "cuda_kernels_available",
     "fused_add_rms_norm",
     "moe_experts",

@@ -5,8 +5,10 @@ the per-kernel CPU cost. Each graph covers the first ``bucket`` cache slots with
 inputs (token, position per row) and a static fp32 logits output; all graphs share one
 memory pool. Rows past the real batch are padding: they decode token 0 at position 0 into
 slots no live sequence of the call uses (a later prefill overwrites and forgets those
-entries). Full-attention layers see the whole ``max_seq_len`` slab (masked by position),
-so one graph serves every sequence length.
+entries). Attention reads the cache in place (``ops.attention_decode``) and takes each
+sequence's length from its position on the device, so one graph serves every length and a
+step reads only the rows its sequences can see; ``kv_len = max_seq_len`` only sizes the
+split-KV launch.
 
 Graphs are captured up front, when no sequence lives in the cache: warm-up and capture
 runs write garbage there, which the first prefill of each slot overwrites.

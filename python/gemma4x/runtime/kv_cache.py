@@ -7,8 +7,10 @@
 - ``none`` layers (KV-shared consumers) own nothing: the model hands them their producer's
   K/V from the same forward.
 
-``KVCache.view(...)`` returns the object the model's attention layers talk to for one
-forward (a prefill of one sequence from position 0, or one decode step over several slots).
+``KVCache.prefill_view`` / ``decode_view`` return the object the model's attention layers
+talk to for one forward (a prefill of one sequence from position 0, or one decode step over
+several slots). A decode step hands attention a ``CachedKV``: the cache tensors themselves,
+which the CUDA decode kernel reads in place up to each sequence's own length.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gemma4x.layers.attention import KV, LayerCacheSpec
+from gemma4x.layers.attention import KV, CachedKV, LayerCacheSpec
 
 
 class KVCache:
@@ -64,7 +66,8 @@ class KVCache:
         return _PrefillView(self, slot)
 
     def decode_view(self, slots: int | Sequence[int], kv_len: int) -> _DecodeView:
-        """View for one decode step; ``kv_len`` bounds the positions any of the rows can see.
+        """View for one decode step; ``kv_len`` bounds ``max(position) + 1`` over the rows (a CUDA
+        graph passes ``max_seq_len``; attention still reads each sequence only up to its position).
 
         ``slots`` is either an int B (rows are slots 0..B-1: plain slices of the cache, no
         gather and no host->device copy, which is what a CUDA graph needs) or a list of slots.
@@ -98,7 +101,7 @@ class _PrefillView:
 
 
 class _DecodeView:
-    """Writes one token per slot, then exposes each slot's visible history."""
+    """Writes one token per slot, then hands attention the cache itself (``CachedKV``)."""
 
     def __init__(self, cache: KVCache, slots: int | Sequence[int], kv_len: int):
         self.cache = cache
@@ -114,25 +117,13 @@ class _DecodeView:
         else:
             self.slots = torch.tensor(list(slots), device=cache.device, dtype=torch.long)
 
-    def _rows(self, t: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        t = t[: self.batch] if self.contiguous else t.index_select(0, self.slots)
-        return t if n is None else t[:, :n]
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KV:
         c = self.cache
         kc, vc, rp = c.k[layer], c.v[layer], c.ring_pos[layer]
         pos = positions[:, 0]
-        if rp is None:  # full: row = position
-            kc[self.slots, pos] = k[:, 0]
-            vc[self.slots, pos] = v[:, 0]
-            n = self.kv_len
-            ar = torch.arange(n, device=k.device)
-            # Rows at or beyond a sequence's own length are stale or empty.
-            k_pos = torch.where(ar[None, :] <= pos[:, None], ar[None, :], -1)
-            return self._rows(kc, n), self._rows(vc, n), k_pos
-        R = kc.shape[1]
-        rows = pos % R
+        rows = pos if rp is None else pos % kc.shape[1]  # full: row = position; ring: p % R
         kc[self.slots, rows] = k[:, 0]
         vc[self.slots, rows] = v[:, 0]
-        rp[self.slots, rows] = pos
-        return self._rows(kc), self._rows(vc), self._rows(rp)
+        if rp is not None:
+            rp[self.slots, rows] = pos
+        return CachedKV(kc, vc, rp, None if self.contiguous else self.slots, self.kv_len)

@@ -1,0 +1,19 @@
+// Host launcher of decode attention over a per-slot KV cache (see decode_kernels.cuh).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "gemma4x/attention_decode/params.h"
+#include "gemma4x/common/dtype.h"
+
+namespace gemma4x::attention_decode {
+
+// KV splits the launch will use for this shape on the current device; the caller sizes the
+// fp32 partials [splits, B, Tq, nH, D] and lse [splits, B, Tq, nH] with it (1 = none needed).
+// `max_rows` bounds the cache rows any sequence can see (the graph-captured case passes the
+// cache capacity: the split count is fixed at launch, the rows per split follow the lengths).
+int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim, int max_rows, DType dtype);
+
+void decode_attention(const DecodeParams& params, DType dtype, cudaStream_t stream);
+
+}  // namespace gemma4x::attention_decode
