@@ -14,6 +14,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_moe(moe);
   auto gemm = m.def_submodule("gemm", "NVFP4 W4A4 block-scaled GEMM (sm_100a builds only; gemm.has_sm100 says)");
   gemma4x::bindings::register_gemm(gemm);
+  auto nvfp4 = m.def_submodule("nvfp4", "NVFP4: quantizer, dequantizer (any arch); W4A16 decode GEMM and experts (sm_90a; nvfp4.has_sm90 says)");
+  gemma4x::bindings::register_nvfp4(nvfp4);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif
