@@ -92,6 +92,24 @@ def test_reference_dequantize_matches_checkpoint_layout():
     assert torch.equal(w4a16_dequantize(p, gg, interleave_gate_up=True), nvfp4_dequantize(w, s, gg.repeat_interleave(16, dim=1)))
 
 
+def test_token_chunks_equal_one_call():
+    """Chunking over tokens (slices of x, idx, weights; results concatenated) is the identity on a per-token op."""
+    from gemma4x.ops.nvfp4 import token_chunks
+
+    T, H, k = 21, 32, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g)
+    idx = torch.randint(0, 6, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g)
+
+    def fn(xc, ic, wc):  # any per-token function
+        return xc * wc.sum(-1, keepdim=True) + ic.sum(-1, keepdim=True)
+
+    whole = fn(x, idx, w)
+    for max_pairs in (1, 4, 8, 64, 84, 1000):
+        assert torch.equal(token_chunks(fn, x, idx, w, max_pairs), whole)
+
+
 # --- CPU: validation -----------------------------------------------------------------------------
 
 
@@ -412,7 +430,24 @@ def test_moe_decode_invalid_ids_and_graph():
 
 
 @cuda
-@pytest.mark.parametrize("T", [9, 100])
+@needs_sm90
+@pytest.mark.parametrize("T", [9, 64])
+def test_moe_chunked_decode(T):
+    """T*k in (64, MOE_CHUNKED_MAX_PAIRS]: the decode kernels over chunks of 8 tokens."""
+    from gemma4x.ops import nvfp4 as ops
+
+    E, H, I, k = 128, 2816, 704, 8
+    W = _experts(E, H, I, seed=T)
+    w, idx = _route(T, k, E, seed=T)
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    out = ops.w4a16_moe_experts(x, idx, w, **W)
+    ref64, bf16 = _moe_refs(x, w, idx, W)
+    assert rel_err(out, ref64) <= 2 * rel_err(bf16, ref64) + 1e-6
+    assert torch.equal(out[8:9], ops.w4a16_moe_experts(x[8:9], idx[8:9], w[8:9], **W))
+
+
+@cuda
+@pytest.mark.parametrize("T", [100])
 def test_moe_prefill_path_equals_bf16_op(T):
     from gemma4x.ops import moe as moe_ops
     from gemma4x.ops import nvfp4 as ops

@@ -13,8 +13,9 @@ Dispatch by compute capability:
 
 * 9.0 (H100/H200), bf16 activations: ``M <= 64`` tokens (dense) or ``T*k <= 64`` pairs (experts)
   run the W4A16 decode kernels: dequantisation in registers, bf16 ``mma.sync``, split-K over a
-  thread-block cluster. Larger batches (prefill) dequantise into a bf16 scratch with the CUDA
-  dequantizer and run the bf16 GEMM (cuBLAS) or the bf16 expert op.
+  thread-block cluster; experts up to ``MOE_CHUNKED_MAX_PAIRS`` pairs run them over token chunks.
+  Larger batches (prefill) dequantise into a bf16 scratch with the CUDA dequantizer and run the
+  bf16 GEMM (cuBLAS) or the bf16 expert op.
 * any other GPU: the dequantize + bf16 path (10.0 keeps the W4A4 ``ops.nvfp4_gemm`` for
   checkpoints with an ``input_scale``; the layers decide).
 
@@ -48,6 +49,11 @@ from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_global_scale
 GEMV_MAX_TOKENS = 64
 MOE_MAX_PAIRS = 64
 MOE_MAX_EXPERTS = 256
+# Up to this many (token, slot) pairs the experts run the decode kernels on chunks of
+# MOE_MAX_PAIRS // k tokens (tokens are independent) instead of dequantising every expert into
+# bf16: H200, 26B-A4B shape, one 8-token chunk measured 81.6 us, the dequantise path 1353.6 us at
+# 64 tokens (bench/RESULTS.md), so 8 chunks stay well under it. Beyond, the dequantise path.
+MOE_CHUNKED_MAX_PAIRS = 512
 
 __all__ = [
     "GEMV_MAX_TOKENS",
@@ -355,13 +361,23 @@ def _check_moe(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2) ->
     return T, H, k, E, I
 
 
-def _moe_decode_supported(x, idx, E) -> bool:
+def _moe_decode_supported(x, idx, E, max_pairs: int = MOE_MAX_PAIRS) -> bool:
     return (
         x.dtype == torch.bfloat16
-        and x.shape[0] * idx.shape[1] <= MOE_MAX_PAIRS
+        and x.shape[0] * idx.shape[1] <= max_pairs
+        and idx.shape[1] <= MOE_MAX_PAIRS
         and E <= MOE_MAX_EXPERTS
         and sm90_available(x.device)
     )
+
+
+def token_chunks(fn, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, max_pairs: int) -> torch.Tensor:
+    """``fn(x, idx, weights)`` over chunks of ``max_pairs // k`` tokens, concatenated (one call if it fits)."""
+    T, k = idx.shape
+    step = max(1, max_pairs // max(k, 1))
+    if T <= step:
+        return fn(x, idx, weights)
+    return torch.cat([fn(x[i : i + step], idx[i : i + step], weights[i : i + step]) for i in range(0, T, step)])
 
 
 @torch.library.custom_op("gemma4x::nvfp4_moe_experts_decode", mutates_args=())
@@ -380,9 +396,9 @@ def _moe_decode_op(
             f"nvfp4_moe_experts_decode: needs bfloat16 x, T*k <= {MOE_MAX_PAIRS} and E <= {MOE_MAX_EXPERTS}, "
             f"got {_fmt_dtype(x.dtype)}, T={T}, k={k}, E={E}"
         )
+    if T == 0 or k == 0:
+        return torch.zeros(T, H, dtype=x.dtype, device=x.device)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    if T == 0:
-        return out
     act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     if x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()
@@ -414,7 +430,8 @@ def w4a16_moe_experts(
     """``out[t] = sum_j w[t,j] * (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T`` with NVFP4 expert weights.
 
     On a compute capability 9.0 GPU with bf16 ``x`` and ``T*k <= 64``: two W4A16 decode kernels
-    (gate/up + GeGLU, down + routing-weighted combine; each chosen expert's weights read once).
+    (gate/up + GeGLU, down + routing-weighted combine; each chosen expert's weights read once);
+    up to ``MOE_CHUNKED_MAX_PAIRS`` pairs, the same kernels over chunks of ``64 // k`` tokens.
     Otherwise: the CUDA dequantizer writes bf16 ``[E, 2I, H]`` and ``[E, H, I]`` scratch copies
     and :func:`gemma4x.ops.moe.moe_experts` runs on them (the interim prefill path).
     Expert ids outside ``[0, E)`` contribute nothing on the decode path.
@@ -430,8 +447,13 @@ def w4a16_moe_experts(
     """
     E = _check_moe(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2)[3]
     check_cuda("w4a16_moe_experts", "x", x)
-    if _moe_decode_supported(x, idx, E):
-        return torch.ops.gemma4x.nvfp4_moe_experts_decode(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2)
+    if _moe_decode_supported(x, idx, E, MOE_CHUNKED_MAX_PAIRS):
+        return token_chunks(
+            lambda xc, ic, wc: torch.ops.gemma4x.nvfp4_moe_experts_decode(
+                xc, ic, wc, gate_up, gate_up_scale_2, down, down_scale_2
+            ),
+            x, idx, weights, MOE_MAX_PAIRS,
+        )  # fmt: skip
     from gemma4x.ops.moe import moe_experts
 
     gu = w4a16_dequantize(gate_up, gate_up_scale_2, x.dtype, interleave_gate_up=True)
