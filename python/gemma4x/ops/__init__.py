@@ -9,6 +9,7 @@ from gemma4x.ops._load import ExtensionUnavailableError, cuda_kernels_available
 from gemma4x.ops.gemm import nvfp4_gemm
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
+from gemma4x.ops.nvfp4 import nvfp4_quantize, w4a16_dequantize, w4a16_gemm, w4a16_moe_experts
 
 __all__ = [
     "ExtensionUnavailableError",
@@ -18,5 +19,9 @@ __all__ = [
     "moe_router",
     "moe_tail_norm",
     "nvfp4_gemm",
+    "nvfp4_quantize",
     "rms_norm",
+    "w4a16_dequantize",
+    "w4a16_gemm",
+    "w4a16_moe_experts",
 ]
