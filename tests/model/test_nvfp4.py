@@ -234,6 +234,11 @@ def test_cuda_quantizer_equals_cpu():
     for a, b in zip(cpu, gpu):
         assert same_bits(a, b.cpu())
     assert torch.equal(nvfp4_dequantize(*gpu, torch.bfloat16).cpu(), nvfp4_dequantize(*cpu, torch.bfloat16))
+    # the CUDA quantizer kernel (what quantize-at-load uses on a GPU), bit for bit too
+    from gemma4x.ops.nvfp4 import nvfp4_quantize as cuda_quantize
+
+    for a, b in zip(cpu, cuda_quantize(w.cuda(), gs.cuda())):
+        assert same_bits(a, b.cpu())
 
 
 # --------------------------------------------------------------------------------------

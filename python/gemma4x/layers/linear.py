@@ -11,7 +11,11 @@ exports, ``input_scale`` fp32 scalar (the activation global scale; unused by the
     y = x @ W^T (+ b)                                             W cast to x.dtype, one rounding
 
 ``forward_native`` dequantizes and runs the matmul (the CPU path, and the oracle). ``forward``
-does the same until the CUDA NVFP4 GEMMs of issue 5 (SM90 W4A16, SM100 block-scaled) plug in.
+on a compute capability 9.0 GPU runs the W4A16 path of :mod:`gemma4x.ops.nvfp4` on a copy of the
+weight repacked once (first CUDA call) into the kernels' layout: the decode kernel up to 64 tokens,
+dequantise-into-bf16 + cuBLAS beyond. Other GPUs (SM100 included, whose W4A4 ``ops.nvfp4_gemm``
+needs quantized activations) and the CPU take ``forward_native``. Quantize-at-load
+(:meth:`NVFP4Linear.from_linear`) uses the CUDA quantizer for CUDA weights (bit-identical).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class NVFP4Linear(nn.Module):
         w = linear.weight
         with torch.device("meta"):  # every tensor is replaced below
             out = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale=False)
-        packed, scale, g = nvfp4_quantize(w, global_scale)
+        packed, scale, g = quantize_nvfp4(w, global_scale)
         out.weight = as_quant_param(packed)
         out.weight_scale = as_quant_param(scale)
         out.weight_scale_2 = as_quant_param(g.reshape(()))
@@ -87,8 +91,30 @@ class NVFP4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype, self.group_size)
 
+    def w4a16_supported(self, x: torch.Tensor) -> bool:
+        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
+        if not x.is_cuda or self.group_size != NVFP4_BLOCK or self.out_features % 16 or self.in_features % 64:
+            return False
+        from gemma4x.ops.nvfp4 import sm90_available
+
+        return sm90_available(x.device)
+
+    def w4a16_packed(self) -> torch.Tensor:
+        """The weight in the W4A16 kernels' layout, built on the first call (and after a reload or move)."""
+        key = (self.weight.device, self.weight.data_ptr(), self.weight._version, self.weight_scale.data_ptr())
+        if getattr(self, "_w4a16_key", None) != key:
+            from gemma4x.reference.nvfp4_w4a16 import w4a16_pack
+
+            self._w4a16 = w4a16_pack(self.weight, self.weight_scale)
+            self._w4a16_key = key
+        return self._w4a16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The CUDA NVFP4 GEMMs (issue 5) replace this; until then, the reference path everywhere.
+        if self.w4a16_supported(x):
+            from gemma4x.ops.nvfp4 import w4a16_gemm
+
+            out = w4a16_gemm(x, self.w4a16_packed(), self.weight_scale_2.reshape(1))
+            return out if self.bias is None else out + self.bias
         return self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +122,19 @@ class NVFP4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, nvfp4"
+
+
+def quantize_nvfp4(w: torch.Tensor, global_scale=None):
+    """:func:`gemma4x.reference.quant.nvfp4_quantize`, on the GPU through the CUDA quantizer
+    (bit-identical) when ``w`` is a CUDA tensor and the extension is built."""
+    if w.is_cuda:
+        from gemma4x.ops import cuda_kernels_available
+
+        if cuda_kernels_available():
+            from gemma4x.ops.nvfp4 import nvfp4_quantize as cuda_quantize
+
+            return cuda_quantize(w, global_scale)
+    return nvfp4_quantize(w, global_scale)
 
 
 def as_quant_param(t: torch.Tensor) -> nn.Parameter:
@@ -119,4 +158,4 @@ def make_linear(
     return Linear(in_features, out_features, bias)
 
 
-__all__ = ["Linear", "NVFP4Linear", "as_quant_param", "make_linear", "quant_param"]
+__all__ = ["Linear", "NVFP4Linear", "as_quant_param", "make_linear", "quant_param", "quantize_nvfp4"]

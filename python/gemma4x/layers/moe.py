@@ -17,7 +17,11 @@ input_scale}`` fused per layer (gate rows first, as in ``gate_up_proj``)::
 
 ModelOpt gives an expert's gate and up one shared ``weight_scale_2`` and all experts one
 ``input_scale`` per projection; the layout keeps each checkpoint scalar anyway. The reference
-path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op.
+path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op. On a
+compute capability 9.0 GPU ``forward`` runs :func:`gemma4x.ops.nvfp4.w4a16_moe_experts` on copies
+repacked once (first CUDA call; gate/up rows interleaved by 8): the NVFP4 decode kernels at
+``T*k <= 64``, dequantise-into-bf16 + the BF16 expert op beyond. Other GPUs dequantize as the
+reference path does.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import Linear, as_quant_param, quant_param
+from gemma4x.layers.linear import Linear, as_quant_param, quant_param, quantize_nvfp4
 from gemma4x.loader import CheckpointPart
-from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale
 
 
 class Router(nn.Module):
@@ -143,10 +147,10 @@ class NVFP4Experts(nn.Module):
             out = cls(E, H, I2 // 2, input_scale=False)
         g_gu = nvfp4_global_scale(gu.abs().amax(dim=(1, 2)))
         g_dn = nvfp4_global_scale(dn.abs().amax(dim=(1, 2)))
-        w, s, _ = nvfp4_quantize(gu, g_gu)
+        w, s, _ = quantize_nvfp4(gu, g_gu)
         out.gate_up_weight, out.gate_up_weight_scale = as_quant_param(w), as_quant_param(s)
         out.gate_up_weight_scale_2 = as_quant_param(g_gu[:, None].expand(E, 2).contiguous())
-        w, s, _ = nvfp4_quantize(dn, g_dn)
+        w, s, _ = quantize_nvfp4(dn, g_dn)
         out.down_weight, out.down_weight_scale = as_quant_param(w), as_quant_param(s)
         out.down_weight_scale_2 = as_quant_param(g_dn)
         return out
@@ -161,8 +165,37 @@ class NVFP4Experts(nn.Module):
         )
         return gu, dn
 
+    def w4a16_supported(self, x: torch.Tensor) -> bool:
+        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
+        H, I = self.hidden_size, self.intermediate_size
+        if not x.is_cuda or self.group_size != NVFP4_BLOCK or H % 64 or I % 64:
+            return False
+        from gemma4x.ops.nvfp4 import sm90_available
+
+        return sm90_available(x.device)
+
+    def w4a16_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [E, 2I/16, H/64, 576], down [E, H/16, I/64, 576])`` in the W4A16 layout, built once."""
+        w = self.gate_up_weight
+        key = (w.device, w.data_ptr(), w._version, self.down_weight.data_ptr(), self.down_weight._version)
+        if getattr(self, "_w4a16_key", None) != key:
+            from gemma4x.reference.nvfp4_w4a16 import w4a16_pack
+
+            gu = torch.stack([w4a16_pack(w[e], self.gate_up_weight_scale[e], interleave_gate_up=True)
+                              for e in range(self.num_experts)])  # per expert: bounded temporaries
+            dn = torch.stack([w4a16_pack(self.down_weight[e], self.down_weight_scale[e]) for e in range(self.num_experts)])
+            self._w4a16, self._w4a16_key = (gu, dn), key
+        return self._w4a16
+
     def _run(self, x, weights, idx, native: bool) -> torch.Tensor:
-        # Reference path (and, until the NVFP4 MoE kernels of issue 5 land, the CUDA one too).
+        if not native and self.w4a16_supported(x):
+            from gemma4x.ops.nvfp4 import w4a16_moe_experts
+
+            gu, dn = self.w4a16_packed()
+            return w4a16_moe_experts(
+                x, idx, weights, gu, self.gate_up_weight_scale_2, dn, self.down_weight_scale_2
+            )
+        # Reference path (and other GPUs): dequantize, then the BF16 expert op.
         gu, dn = self.dequantized_weights(x.dtype)
         return ops_for(x, native).moe_experts(x, idx, weights, gu, dn)
 

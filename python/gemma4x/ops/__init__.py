@@ -11,6 +11,7 @@ from gemma4x.ops.attention_decode import attention_decode, attention_decode_or_s
 from gemma4x.ops.gemm import nvfp4_gemm, nvfp4_grouped_gemm
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
+from gemma4x.ops.nvfp4 import nvfp4_quantize, w4a16_dequantize, w4a16_gemm, w4a16_moe_experts
 
 __all__ = [
     "ExtensionUnavailableError",
@@ -24,5 +25,9 @@ __all__ = [
     "moe_tail_norm",
     "nvfp4_gemm",
     "nvfp4_grouped_gemm",
+    "nvfp4_quantize",
     "rms_norm",
+    "w4a16_dequantize",
+    "w4a16_gemm",
+    "w4a16_moe_experts",
 ]
