@@ -103,3 +103,28 @@ def test_prepare_refuses_per_expert_input_scales():
             q.gate_up_weight, q.gate_up_weight_scale, q.gate_up_weight_scale_2,
             q.down_weight, q.down_weight_scale, q.down_weight_scale_2, torch.arange(1.0, 2 * E + 1).reshape(E, 2),
         )  # fmt: skip
+
+
+def test_layer_takes_the_w4a4_path_beyond_decode_size(monkeypatch):
+    """NVFP4Experts on an SM100 GPU: > 64 (token, slot) pairs go through the grouped W4A4 pipeline."""
+    import gemma4x.ops.gemm as gemm_ops
+
+    q, pw = _experts()
+    calls = []
+
+    def fake_grouped(*args):
+        calls.append(args[2].tolist())
+        return ref_gemm.nvfp4_grouped_gemm(*args)
+
+    monkeypatch.setattr(NVFP4Experts, "w4a4_sm100_supported", lambda self, x: True)
+    monkeypatch.setattr(gemm_ops, "nvfp4_grouped_gemm", fake_grouped)
+    x, idx, w = _routing(40)  # 80 pairs
+    got = q(x, w, idx)
+    assert len(calls) == 2  # gate/up, then down
+    want = nvfp4_moe_w4a4(x, idx, w, q.w4a4_sm100_packed(), grouped_gemm=ref_gemm.nvfp4_grouped_gemm)
+    assert torch.equal(got, want)
+    # Decode sizes keep the other paths; forward_native always dequantizes.
+    calls.clear()
+    q(x[:8], w[:8], idx[:8])
+    q.forward_native(x, w, idx)
+    assert calls == []

@@ -20,8 +20,10 @@ ModelOpt gives an expert's gate and up one shared ``weight_scale_2`` and all exp
 path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op. On a
 compute capability 9.0 GPU ``forward`` runs :func:`gemma4x.ops.nvfp4.w4a16_moe_experts` on copies
 repacked once (first CUDA call; gate/up rows interleaved by 8): the NVFP4 decode kernels at
-``T*k <= 64``, dequantise-into-bf16 + the BF16 expert op beyond. Other GPUs dequantize as the
-reference path does.
+``T*k <= 64``, dequantise-into-bf16 + the BF16 expert op beyond. On a compute capability 10.0
+GPU, batches beyond decode size (``T*k > 64``) run W4A4 through two grouped block-scaled GEMMs
+(:mod:`gemma4x.ops.nvfp4_moe_sm100`; **compiled, not run**). Other GPUs and cases dequantize as
+the reference path does.
 """
 
 from __future__ import annotations
@@ -187,7 +189,41 @@ class NVFP4Experts(nn.Module):
             self._w4a16, self._w4a16_key = (gu, dn), key
         return self._w4a16
 
+    def w4a4_sm100_supported(self, x: torch.Tensor) -> bool:
+        """True when ``forward`` may take the SM100 W4A4 grouped-GEMM path for inputs like ``x``."""
+        H, I = self.hidden_size, self.intermediate_size
+        if not x.is_cuda or self.group_size != NVFP4_BLOCK or H % 64 or I % 64:
+            return False
+        if torch.cuda.get_device_capability(x.device) != (10, 0):
+            return False
+        from gemma4x.ops._load import cuda_kernels_available, extension
+
+        return cuda_kernels_available() and bool(getattr(extension().gemm, "has_sm100", False))
+
+    def w4a4_sm100_packed(self):
+        """The experts in the SM100 grouped GEMM's layout (swizzled scales), built once; None if unusable."""
+        key = (self.gate_up_weight.device, self.gate_up_weight.data_ptr(), self.gate_up_weight._version)
+        if getattr(self, "_w4a4_key", None) != key:
+            from gemma4x.ops.nvfp4_moe_sm100 import prepare_sm100_experts
+
+            try:
+                packed = prepare_sm100_experts(
+                    self.gate_up_weight, self.gate_up_weight_scale, self.gate_up_weight_scale_2,
+                    self.down_weight, self.down_weight_scale, self.down_weight_scale_2,
+                    self.gate_up_input_scale, self.down_input_scale,
+                )  # fmt: skip
+            except ValueError:  # split gate/up global scales or per-expert input scales: dequantize instead
+                packed = None
+            self._w4a4, self._w4a4_key = packed, key
+        return self._w4a4
+
     def _run(self, x, weights, idx, native: bool) -> torch.Tensor:
+        if not native and idx.numel() > 64 and self.w4a4_sm100_supported(x):
+            packed = self.w4a4_sm100_packed()
+            if packed is not None:
+                from gemma4x.ops.nvfp4_moe_sm100 import nvfp4_moe_w4a4
+
+                return nvfp4_moe_w4a4(x, idx, weights, packed)
         if not native and self.w4a16_supported(x):
             from gemma4x.ops.nvfp4 import w4a16_moe_experts
 
