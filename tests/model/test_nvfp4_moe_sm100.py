@@ -109,7 +109,7 @@ def test_layer_takes_the_w4a4_path_beyond_decode_size(monkeypatch):
     """NVFP4Experts on an SM100 GPU: > 64 (token, slot) pairs go through the grouped W4A4 pipeline."""
     import gemma4x.ops.gemm as gemm_ops
 
-    q, pw = _experts()
+    q, _ = _experts()
     calls = []
 
     def fake_grouped(*args):
