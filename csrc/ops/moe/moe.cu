@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #include "gemma4x/common/check.h"
 #include "gemma4x/moe/experts_decode_kernels.cuh"
+#include "gemma4x/moe/experts_stream_kernels.cuh"
 #include "gemma4x/moe/router_kernels.cuh"
 
 namespace gemma4x::moe {
@@ -173,6 +175,152 @@ void launch_decode(const MoeExpertsDecodeParams& p, cudaStream_t stream) {
   check_launch("moe_decode_down_kernel");
 }
 
+// ---- one-launch path (experts_stream_kernels.cuh) ----
+
+struct StreamConfig {
+  bool ok = false;
+  int grid = 0;
+  int stages = 0;
+  int stage_bytes = 0;
+  int act_smem = 0;
+  size_t smem = 0;
+};
+
+int device_attr(cudaDeviceAttr attr) {
+  int dev = 0, v = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&v, attr, dev), "cudaDeviceGetAttribute");
+  return v;
+}
+
+// Pipeline shape: a stage holds one gate/up chunk (4 gate + 4 up rows) or one down chunk (the
+// block's rows of one expert); up to 4 stages, act staged in shared memory when it fits beside
+// them (1 token at the 26B-A4B shape: 4 x 45 KB + 11 KB).
+// Per device and dtype, once: whether a cooperative launch is possible and the shared memory a
+// block may take beside the kernel's static part (the attribute is raised to it once).
+struct StreamDevice {
+  bool init = false;
+  bool coop = false;
+  int sms = 0;
+  int64_t budget = 0;
+};
+
+template <typename T>
+const StreamDevice& stream_device() {
+  static StreamDevice devs[64];
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  StreamDevice& d = devs[dev & 63];
+  if (d.init) return d;
+  const auto kernel = moe_decode_stream_kernel<T>;
+  cudaFuncAttributes fa{};
+  check_cuda(cudaFuncGetAttributes(&fa, kernel), "cudaFuncGetAttributes(moe_decode_stream_kernel)");
+  d.coop = device_attr(cudaDevAttrCooperativeLaunch) != 0;
+  d.sms = device_sms();
+  d.budget = static_cast<int64_t>(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin)) -
+             static_cast<int64_t>(fa.sharedSizeBytes);
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(d.budget)),
+             "cudaFuncSetAttribute(moe_decode_stream_kernel)");
+  int fits = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fits, kernel, kStreamThreads, d.budget),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  d.coop = d.coop && fits >= 1;
+  d.init = true;
+  return d;
+}
+
+// Pipeline shape: a stage holds one gate/up chunk (4 gate + 4 up rows) or one down chunk (the
+// block's rows of one expert); 4 stages, act staged in shared memory when it fits beside them
+// (1 token at the 26B-A4B shape: 4 x 45 KB + 11 KB), else read through L2.
+template <typename T>
+StreamConfig stream_config(const MoeExpertsDecodeParams& p) {
+  StreamConfig c;
+  const StreamDevice& d = stream_device<T>();
+  if (!d.coop) return c;
+  const int rows = (p.hidden + d.sms - 1) / d.sms;  // down rows per block
+  if (rows > kStreamMaxRows) return c;
+  const int64_t esz = sizeof(T);
+  int64_t stage = std::max<int64_t>(2 * kStreamIdxPerChunk * int64_t{p.hidden} * esz, int64_t{rows} * p.inter * esz);
+  stage = (stage + 127) / 128 * 128;
+  const int64_t act = (int64_t{p.tokens} * p.top_k * p.inter * esz + 127) / 128 * 128;
+  int64_t stages = std::min<int64_t>(kStreamMaxStages, (d.budget - act) / stage);
+  int act_smem = 1;
+  if (stages < kStreamMaxStages) {  // a deep pipeline first
+    act_smem = 0;
+    stages = std::min<int64_t>(kStreamMaxStages, d.budget / stage);
+  }
+  if (stages < 2) return c;
+  c.ok = true;
+  c.smem = static_cast<size_t>(stages * stage + (act_smem ? act : 0));
+  c.grid = d.sms;  // one block per SM, all resident (the cooperative launch guarantees it)
+  c.stages = static_cast<int>(stages);
+  c.stage_bytes = static_cast<int>(stage);
+  c.act_smem = act_smem;
+  return c;
+}
+
+// Cooperative launch (the grid barrier needs every block resident), chained behind the router with
+// programmatic dependent launch where the driver takes both attributes together: probed once,
+// outside stream capture (a refused launch inside a capture would invalidate it).
+template <typename T>
+void launch_stream(const MoeExpertsDecodeParams& p, const StreamConfig& c, cudaStream_t stream) {
+  static int pdl_with_coop = -1;  // -1 unknown, 0 refused, 1 works
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(c.grid));
+  cfg.blockDim = dim3(kStreamThreads);
+  cfg.dynamicSmemBytes = c.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  const auto kernel = moe_decode_stream_kernel<T>;
+  if (use_pdl() && pdl_with_coop != 0) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
+    if (pdl_with_coop == 1 || capturing == cudaStreamCaptureStatusNone) {
+      cfg.numAttrs = 2;
+      const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, p, c.stages, c.stage_bytes, c.act_smem);
+      if (err == cudaSuccess) {
+        pdl_with_coop = 1;
+        return;
+      }
+      if (pdl_with_coop == 1) check_cuda(err, "moe_decode_stream_kernel launch");
+      (void)cudaGetLastError();  // refused: clear it and launch without PDL from now on
+      pdl_with_coop = 0;
+    }
+  }
+  cfg.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, c.stages, c.stage_bytes, c.act_smem),
+             "moe_decode_stream_kernel launch");
+}
+
+template <typename T>
+DecodeKernel run_decode(const MoeExpertsDecodeParams& p, DecodeKernel want, cudaStream_t stream) {
+  if (want != DecodeKernel::kSplit) {
+    const StreamConfig c = stream_config<T>(p);
+    if (c.ok) {
+      launch_stream<T>(p, c, stream);
+      check_launch("moe_decode_stream_kernel");
+      return DecodeKernel::kStream;
+    }
+  }
+  launch_decode<T>(p, stream);
+  return DecodeKernel::kSplit;
+}
+
+// GEMMA4X_MOE_DECODE=split forces the two-kernel path (benchmarks compare the two).
+DecodeKernel env_decode_kernel() {
+  static const DecodeKernel v = [] {
+    const char* env = std::getenv("GEMMA4X_MOE_DECODE");
+    if (env != nullptr && std::string(env) == "split") return DecodeKernel::kSplit;
+    return DecodeKernel::kAuto;
+  }();
+  return v;
+}
+
 }  // namespace
 
 DecodeLimits moe_decode_limits() {
@@ -210,7 +358,7 @@ void moe_router(const MoeRouterParams& p, DType dtype, cudaStream_t stream) {
   check_launch("moe_router_kernel");
 }
 
-void moe_experts_decode(const MoeExpertsDecodeParams& p, DType dtype, cudaStream_t stream) {
+DecodeKernel moe_experts_decode(const MoeExpertsDecodeParams& p, DType dtype, cudaStream_t stream, DecodeKernel kernel) {
   constexpr const char* op = "moe_experts_decode";
   GEMMA4X_CHECK_ARG(dtype != DType::kFloat32, op, ": dtype float32 is not supported (bfloat16 or float16)");
   GEMMA4X_CHECK_ARG(p.tokens >= 0, op, ": tokens T must be >= 0, got ", p.tokens);
@@ -235,12 +383,14 @@ void moe_experts_decode(const MoeExpertsDecodeParams& p, DType dtype, cudaStream
   check_ptr(op, "down_proj", p.down, needed, 16);
   check_ptr(op, "act", p.act, needed, 16);
   check_ptr(op, "out", p.out, needed, 2);
-  if (p.tokens == 0) return;
+  if (p.tokens == 0) return kernel == DecodeKernel::kAuto ? DecodeKernel::kSplit : kernel;
+  if (kernel == DecodeKernel::kAuto) kernel = env_decode_kernel();
   switch (dtype) {
-    case DType::kFloat16: launch_decode<__half>(p, stream); break;
-    case DType::kBFloat16: launch_decode<__nv_bfloat16>(p, stream); break;
+    case DType::kFloat16: return run_decode<__half>(p, kernel, stream);
+    case DType::kBFloat16: return run_decode<__nv_bfloat16>(p, kernel, stream);
     case DType::kFloat32: break;
   }
+  return DecodeKernel::kSplit;
 }
 
 }  // namespace gemma4x::moe

@@ -12,8 +12,15 @@ namespace gemma4x::moe {
 // Fused router: one launch for any T.
 void moe_router(const MoeRouterParams& params, DType dtype, cudaStream_t stream);
 
-// Decode experts path, two launches; requires P = T*k <= 64 and the limits below.
-void moe_experts_decode(const MoeExpertsDecodeParams& params, DType dtype, cudaStream_t stream);
+// Which decode kernels run: kAuto picks kStream where the device allows it (cooperative launch,
+// H <= 32 rows per SM, the pipeline fits in shared memory), else kSplit.
+enum class DecodeKernel : int { kAuto = 0, kSplit = 1, kStream = 2 };
+
+// Decode experts path; requires P = T*k <= 64 and the limits below. kSplit: two launches
+// (gate/up+GeGLU, down+combine); kStream: one persistent launch (experts_stream_kernels.cuh).
+// Returns the kernel that ran (kStream requested but unavailable falls back to kSplit).
+DecodeKernel moe_experts_decode(const MoeExpertsDecodeParams& params, DType dtype, cudaStream_t stream,
+                                DecodeKernel kernel = DecodeKernel::kAuto);
 
 // Largest sizes the decode kernels take (the Python op sends anything larger to grouped_mm).
 struct DecodeLimits {
