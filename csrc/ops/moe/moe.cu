@@ -53,7 +53,7 @@ void launch_router(const MoeRouterParams& p, cudaStream_t stream) {
   const int c = router_cluster(p.tokens, p.experts);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(c * p.tokens));
-  cfg.blockDim = dim3(kRouterThreads);
+  cfg.blockDim = dim3(c > 1 ? kRouterDecodeThreads : kRouterThreads);
   cfg.dynamicSmemBytes = 2 * static_cast<size_t>(p.hidden) * sizeof(T);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -63,7 +63,11 @@ void launch_router(const MoeRouterParams& p, cudaStream_t stream) {
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T>, p), "moe_router_kernel launch");
+  if (c > 1) {
+    check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T, kRouterDecodeThreads, 2>, p), "moe_router_kernel launch");
+  } else {
+    check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T, kRouterThreads, 1>, p), "moe_router_kernel launch");
+  }
 }
 
 // GEMMA4X_MOE_PDL=0 launches the experts kernels without programmatic dependent launch (for
