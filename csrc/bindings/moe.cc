@@ -74,6 +74,27 @@ void register_moe(py::module_& m) {
       py::arg("gate_up"), py::arg("down"), py::arg("act"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"),
       py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("stream"), py::arg("kernel") = 0);
 
+  // Benchmark knobs of the one-launch decode kernel: (max stages, bulk-copy piece bytes, mode);
+  // mode 1 streams the weights without computing (a timing probe whose output is unset).
+  m.def(
+      "moe_stream_tuning",
+      [](int32_t max_stages, int32_t piece_bytes, int32_t mode) {
+        GEMMA4X_CHECK_ARG(max_stages >= 2 && max_stages <= 4, "moe_stream_tuning: max_stages in [2, 4], got ", max_stages);
+        GEMMA4X_CHECK_ARG(piece_bytes >= 0, "moe_stream_tuning: piece_bytes >= 0, got ", piece_bytes);
+        GEMMA4X_CHECK_ARG(mode == 0 || mode == 1, "moe_stream_tuning: mode 0 or 1, got ", mode);
+        moe_stream_tuning(StreamTuning{max_stages, piece_bytes, mode});
+      },
+      py::arg("max_stages") = 4, py::arg("piece_bytes") = 0, py::arg("mode") = 0);
+
+  m.def(
+      "moe_router_tuning",
+      [](int32_t cluster) {
+        GEMMA4X_CHECK_ARG(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8 || cluster == 16,
+                          "moe_router_tuning: cluster must be 0, 1, 2, 4, 8 or 16, got ", cluster);
+        moe_router_tuning(cluster);
+      },
+      py::arg("cluster") = 0);
+
   // (max pairs T*k, max experts E, max hidden H, max intermediate I) of the decode kernels.
   m.def("moe_decode_limits", [] {
     const DecodeLimits l = moe_decode_limits();

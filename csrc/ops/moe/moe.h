@@ -22,6 +22,16 @@ enum class DecodeKernel : int { kAuto = 0, kSplit = 1, kStream = 2 };
 DecodeKernel moe_experts_decode(const MoeExpertsDecodeParams& params, DType dtype, cudaStream_t stream,
                                 DecodeKernel kernel = DecodeKernel::kAuto);
 
+// Benchmark knobs of the stream kernel (defaults are the shipped configuration).
+struct StreamTuning {
+  int max_stages = 4;   // pipeline depth cap (2..4)
+  int piece_bytes = 0;  // bulk-copy piece size; 0: one copy per row slice
+  int mode = 0;         // 1: stream the weights without computing (timing probe, output unset)
+};
+void moe_stream_tuning(const StreamTuning& tuning);
+// Benchmark knob of the router: cluster size at every T (1, 2, 4, 8 or 16; 0 = automatic).
+void moe_router_tuning(int cluster);
+
 // Largest sizes the decode kernels take (the Python op sends anything larger to grouped_mm).
 struct DecodeLimits {
   int max_pairs;

@@ -36,7 +36,6 @@ constexpr int kStreamConsumerThreads = kStreamConsumerWarps * 32;
 constexpr int kStreamMaxStages = 4;
 constexpr int kStreamIdxPerChunk = 4;  // gate/up chunk: 4 gate rows + 4 up rows, one per consumer warp
 constexpr int kStreamMaxRows = 32;     // down rows per block: 8 warps x 4 rows
-constexpr int kStreamPairGroup = 4;    // pairs sharing one pass over a weight row
 static_assert(2 * kStreamIdxPerChunk == kStreamConsumerWarps, "one gate/up row per consumer warp");
 static_assert(kStreamMaxRows == kStreamConsumerWarps * kDownRows, "kernel B's row mapping");
 
@@ -101,11 +100,11 @@ __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumerThreads) : "memory");
 }
 
-// act is written by other blocks of this launch: read through L2, never a stale L1 line.
+// act is written by other blocks of this launch: read through L2 (ld.global.cg), never a stale L1
+// line. An intrinsic, not asm volatile, so the loads of a row overlap.
 template <typename T>
 __device__ __forceinline__ Vec<T, 8> load_l2(const T* p) {
-  uint4 r;
-  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  const uint4 r = __ldcg(reinterpret_cast<const uint4*>(p));
   return *reinterpret_cast<const Vec<T, 8>*>(&r);
 }
 
@@ -155,6 +154,15 @@ struct StreamChunks {
   }
 };
 
+// Launch shape, chosen on the host (moe.cu: stream_config).
+struct StreamArgs {
+  int stages;       // pipeline depth, 2..kStreamMaxStages
+  int stage_bytes;  // one chunk's buffer
+  int act_smem;     // act ([P, I]) staged in shared memory after the barrier, else read through L2
+  int piece_bytes;  // bulk copies are issued in pieces of at most this many bytes (multiple of 16)
+  int mode;         // 0: compute; 1: stream the weights only, no math (a timing probe; output unset)
+};
+
 struct StreamShared {
   uint64_t full[kStreamMaxStages];
   uint64_t empty[kStreamMaxStages];
@@ -171,16 +179,19 @@ struct StreamShared {
   int count;
 };
 
-// stages: pipeline depth (2..4); stage_bytes: one chunk's buffer; act_smem: whether act ([P, I])
-// is staged in shared memory after the barrier (else read through L2).
-template <typename T>
+// NVL: 16-byte vectors per lane of a gate/up row (a warp per row, H <= 32 * NVL * 8); NVB: per lane
+// of a down row (8 lanes per row, I <= 8 * NVB * 8). A row's vectors are all loaded before the
+// first FMA, so a chunk costs one shared-memory (and L1/L2 for x and act) round trip per pair.
+template <typename T, int NVL, int NVB>
 __global__ void __launch_bounds__(kStreamThreads, 1)
-    moe_decode_stream_kernel(const __grid_constant__ MoeExpertsDecodeParams p, int stages, int stage_bytes,
-                             int act_smem) {
+    moe_decode_stream_kernel(const __grid_constant__ MoeExpertsDecodeParams p, const StreamArgs a) {
   static_assert(sizeof(T) == 2, "16-byte vectors of 8 elements");
   namespace cg = cooperative_groups;
   extern __shared__ __align__(128) unsigned char stream_smem[];
   __shared__ StreamShared s;
+  const int stages = a.stages;
+  const int stage_bytes = a.stage_bytes;
+  const int act_smem = a.act_smem;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -291,17 +302,23 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       if (lane == 0) {
         mbar_wait(&s.empty[slot], ((n / stages) & 1) ^ 1);
         unsigned char* dst = stage_base + static_cast<size_t>(slot) * stage_bytes;
+        const auto copy = [&](unsigned char* to, const T* from, uint32_t bytes) {
+          for (uint32_t o = 0; o < bytes; o += a.piece_bytes) {
+            bulk_copy_g2s(to + o, reinterpret_cast<const unsigned char*>(from) + o, min(bytes - o, uint32_t(a.piece_bytes)),
+                          &s.full[slot], policy);
+          }
+        };
         if (!c.down) {
           const uint32_t bytes = static_cast<uint32_t>(c.n) * H * sizeof(T);
           const T* g_rows = gate_up + (static_cast<int64_t>(s.expert[c.u]) * 2 * I + c.start) * H;
           mbar_arrive_expect_tx(&s.full[slot], 2 * bytes);
-          bulk_copy_g2s(dst, g_rows, bytes, &s.full[slot], policy);
-          bulk_copy_g2s(dst + bytes, g_rows + static_cast<int64_t>(I) * H, bytes, &s.full[slot], policy);
+          copy(dst, g_rows, bytes);
+          copy(dst + bytes, g_rows + static_cast<int64_t>(I) * H, bytes);
         } else {
           const uint32_t bytes = static_cast<uint32_t>(c.n) * I * sizeof(T);
           const T* d_rows = down + (static_cast<int64_t>(s.expert[c.u]) * H + c.start) * I;
           mbar_arrive_expect_tx(&s.full[slot], bytes);
-          bulk_copy_g2s(dst, d_rows, bytes, &s.full[slot], policy);
+          copy(dst, d_rows, bytes);
         }
       }
       __syncwarp();
@@ -327,9 +344,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       if (act_smem) {
         const uint4* src = static_cast<const uint4*>(p.act);
         uint4* dst = reinterpret_cast<uint4*>(act_s);
-        for (int o = ctid; o < P * nvec_i; o += kStreamConsumerThreads) {
-          const Vec<T, 8> v = load_l2(reinterpret_cast<const T*>(src + o));
-          dst[o] = *reinterpret_cast<const uint4*>(&v);
+        const int total = P * nvec_i;
+        for (int o0 = ctid; o0 < total; o0 += 4 * kStreamConsumerThreads) {
+          uint4 v[4];
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            const int o = min(o0 + m * kStreamConsumerThreads, total - 1);
+            v[m] = __ldcg(src + o);
+          }
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            if (o0 + m * kStreamConsumerThreads < total) dst[o0 + m * kStreamConsumerThreads] = v[m];
+          }
         }
         consumer_sync();
       }
@@ -340,33 +366,29 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     const int np = s.pair_off[c.u + 1] - s.pair_off[c.u];
     const int* pl = s.plist + s.pair_off[c.u];
     mbar_wait(&s.full[slot], (n / stages) & 1);
-    if (!c.down) {
+    if (a.mode == 1) {  // timing probe: the weights arrive, nothing is computed
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&s.empty[slot]);
+    } else if (!c.down) {
       const int buf = n & 1;
       if (warp < 2 * c.n) {
         const T* row = st + static_cast<int64_t>(warp) * H;  // gate rows, then up rows
-        for (int pg = 0; pg < np; pg += kStreamPairGroup) {
-          const T* xr[kStreamPairGroup];
+        Vec<T, 8> w[NVL];
 #pragma unroll
-          for (int j = 0; j < kStreamPairGroup; ++j) {
-            const int q = pl[min(pg + j, np - 1)];
-            xr[j] = x + static_cast<int64_t>(q / p.top_k) * p.x_row_stride;
-          }
-          float acc[kStreamPairGroup] = {0.f, 0.f, 0.f, 0.f};
-          for (int v = lane; v < nvec_h; v += 32) {
-            const Vec<T, 8> w = load_smem(row + v * 8);
+        for (int m = 0; m < NVL; ++m) w[m] = load_smem(row + min(lane + 32 * m, nvec_h - 1) * 8);
+        for (int j = 0; j < np; ++j) {
+          const T* xr = x + static_cast<int64_t>(pl[j] / p.top_k) * p.x_row_stride;
+          Vec<T, 8> xv[NVL];
 #pragma unroll
-            for (int j = 0; j < kStreamPairGroup; ++j) {
-              if (pg + j < np) acc[j] = dot8(w, load_cached(xr[j] + v * 8), acc[j]);
-            }
+          for (int m = 0; m < NVL; ++m) xv[m] = load_cached(xr + min(lane + 32 * m, nvec_h - 1) * 8);
+          float acc = 0.f;
+#pragma unroll
+          for (int m = 0; m < NVL; ++m) {
+            if (lane + 32 * m < nvec_h) acc = dot8(w[m], xv[m], acc);
           }
 #pragma unroll
-          for (int j = 0; j < kStreamPairGroup; ++j) {
-            if (pg + j < np) {
-#pragma unroll
-              for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-              if (lane == 0) s.res[buf][warp][pg + j] = acc[j];
-            }
-          }
+          for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+          if (lane == 0) s.res[buf][warp][j] = acc;
         }
       }
       __syncwarp();
@@ -383,30 +405,28 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       const int r = warp * kDownRows + lane / kDownLanes;  // row of the chunk
       const int sub = lane % kDownLanes;
       const T* row = st + static_cast<int64_t>(min(r, c.n - 1)) * I;
-      for (int pg = 0; pg < np; pg += kStreamPairGroup) {
-        int q[kStreamPairGroup];
+      Vec<T, 8> w[NVB];
 #pragma unroll
-        for (int j = 0; j < kStreamPairGroup; ++j) q[j] = pl[min(pg + j, np - 1)];
-        float acc[kStreamPairGroup] = {0.f, 0.f, 0.f, 0.f};
-        for (int v = sub; v < nvec_i; v += kDownLanes) {
-          const Vec<T, 8> w = load_smem(row + v * 8);
+      for (int m = 0; m < NVB; ++m) w[m] = load_smem(row + min(sub + kDownLanes * m, nvec_i - 1) * 8);
+      for (int j = 0; j < np; ++j) {
+        const int q = pl[j];
+        const int64_t base = static_cast<int64_t>(q) * I;
+        Vec<T, 8> av[NVB];
+        if (act_smem) {
 #pragma unroll
-          for (int j = 0; j < kStreamPairGroup; ++j) {
-            if (pg + j < np) {
-              const int64_t off = static_cast<int64_t>(q[j]) * I + v * 8;
-              const Vec<T, 8> a = act_smem ? load_smem(act_s + off) : load_l2(act + off);
-              acc[j] = dot8(w, a, acc[j]);
-            }
-          }
+          for (int m = 0; m < NVB; ++m) av[m] = load_smem(act_s + base + min(sub + kDownLanes * m, nvec_i - 1) * 8);
+        } else {
+#pragma unroll
+          for (int m = 0; m < NVB; ++m) av[m] = load_l2(act + base + min(sub + kDownLanes * m, nvec_i - 1) * 8);
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int m = 0; m < NVB; ++m) {
+          if (sub + kDownLanes * m < nvec_i) acc = dot8(w[m], av[m], acc);
         }
 #pragma unroll
-        for (int j = 0; j < kStreamPairGroup; ++j) {
-          if (pg + j < np) {
-#pragma unroll
-            for (int o = kDownLanes / 2; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-            if (sub == 0 && r < c.n) s.ys[q[j]][c.start - row_begin + r] = s.wq[q[j]] * round_to<T>(acc[j]);
-          }
-        }
+        for (int o = kDownLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (sub == 0 && r < c.n) s.ys[q][c.start - row_begin + r] = s.wq[q] * round_to<T>(acc);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&s.empty[slot]);
