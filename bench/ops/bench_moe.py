@@ -3,8 +3,8 @@
 E=128 experts, top-8, H=2816, I=704, bf16. For each token count: µs per call, weight bytes read
 (router matrix + every chosen expert once) over that time in TB/s, % of the device copy bandwidth
 measured in the same run, and kernel launches per call, for gemma4x (decode kernels at T*k <= 64,
-grouped_mm beyond; "gemma4x" runs the one-launch stream kernel, "gemma4x_split" the older
-two-kernel decode path), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
+grouped_mm beyond; "gemma4x" is the default two-kernel decode path, "gemma4x_stream" the
+experimental one-launch stream kernel), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
 torch loop (HF's eager experts; it syncs with the host, so it is timed eagerly with events, not
 in a graph). Every graph-timed call replays over rotated input sets.
 
@@ -52,8 +52,8 @@ def block_gemma4x(W, h, x):
     return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
 
 
-def block_gemma4x_split(W, h, x):
-    moe_ops.DECODE_KERNEL = "split"
+def block_gemma4x_stream(W, h, x):
+    moe_ops.DECODE_KERNEL = "stream"
     try:
         return block_gemma4x(W, h, x)
     finally:
@@ -126,7 +126,7 @@ def topk_tie_order():
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
-    p.add_argument("--impls", nargs="+", default=["gemma4x", "gemma4x_split", "reference", "torch_loop"])
+    p.add_argument("--impls", nargs="+", default=["gemma4x", "gemma4x_stream", "reference", "torch_loop"])
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
@@ -137,7 +137,7 @@ def main():
     print(f"device: {report.device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write); "
           f"torch.topk ties lower index first: {report.ceilings['torch_topk_lower_index_first']}")
     W = make_weights()
-    impls = {"gemma4x": block_gemma4x, "gemma4x_split": block_gemma4x_split, "reference": block_reference,
+    impls = {"gemma4x": block_gemma4x, "gemma4x_stream": block_gemma4x_stream, "reference": block_reference,
              "torch_loop": block_torch_loop}
     impls = {k: v for k, v in impls.items() if k in args.impls}
 
@@ -157,7 +157,7 @@ def main():
         expected = block_reference(W, *sets[0])
         cells = []
         for name, fn in impls.items():
-            if name == "gemma4x_split" and T * K > 64:
+            if name == "gemma4x_stream" and T * K > 64:
                 cells.append(f"{'(same as gemma4x)':>30}")
                 continue
             out = fn(W, *sets[0])
@@ -175,7 +175,7 @@ def main():
             cells.append(f"{us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}% L{launches:<3d}")
         print(f"{T:>6} {statistics.mean(used):>7.1f} {nbytes / 1e6:>7.1f} | " + " | ".join(f"{c:>30}" for c in cells),
               flush=True)
-        for variant in ("stream", "split"):
+        for variant in ("split", "stream"):
             if "gemma4x" not in impls or T * K > 64:  # where the decode time goes
                 break
             moe_ops.DECODE_KERNEL = variant
@@ -189,7 +189,7 @@ def main():
             try:  # eager, one kernel at a time (no PDL overlap): where each kernel's time goes
                 per_kernel = {}
                 for i, s in enumerate(sets):
-                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):
+                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):  # DECODE_KERNEL = variant
                         short = name.split("<")[0].split("(")[0].split("::")[-1]
                         per_kernel.setdefault(short, []).append(t)
                 per_kernel = {k: statistics.median(v) for k, v in per_kernel.items()}

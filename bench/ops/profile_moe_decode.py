@@ -3,8 +3,8 @@
     ncu --clock-control none -k regex:moe_ --launch-skip 10 --launch-count 5 \
         python3 bench/ops/profile_moe_decode.py [--tokens 1]
 
-Warm-up: two calls of each decode path (stream: router + 1 kernel; split: router + 2 kernels),
-then the profiled calls: one stream block, one split block.
+Warm-up: two calls of each decode path (stream: router + 1 kernel; split, the default: router +
+2 kernels), then the profiled calls: one stream block, one split block.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.ops.bench_moe import block_gemma4x, block_gemma4x_split, make_weights, H, DTYPE  # noqa: E402
+from bench.ops.bench_moe import DTYPE, H, block_gemma4x, block_gemma4x_stream, make_weights  # noqa: E402
 
 
 def main():
@@ -29,12 +29,12 @@ def main():
     h = torch.randn(args.tokens, H, generator=g, device="cuda").to(DTYPE)
     x = torch.randn(args.tokens, H, generator=g, device="cuda").to(DTYPE)
     for _ in range(2):
-        block_gemma4x(W, h, x)
+        block_gemma4x_stream(W, h, x)
     for _ in range(2):
-        block_gemma4x_split(W, h, x)
+        block_gemma4x(W, h, x)
     torch.cuda.synchronize()
+    block_gemma4x_stream(W, h, x)
     block_gemma4x(W, h, x)
-    block_gemma4x_split(W, h, x)
     torch.cuda.synchronize()
     print("done")
 

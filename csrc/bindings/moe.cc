@@ -43,8 +43,9 @@ void register_moe(py::module_& m) {
       py::arg("experts"), py::arg("top_k"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
 
   // out[t] = bf16(sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t)) for T*k <= 64; act is a [T*k, I] workspace.
-  // kernel: 0 auto, 1 split (two launches), 2 stream (one persistent launch, falls back to split
-  // where the device does not allow it). Returns the kernel that ran (1 or 2).
+  // kernel: 0 auto (split unless GEMMA4X_MOE_DECODE=stream), 1 split (two launches), 2 stream (one
+  // persistent launch, falls back to split where the device does not allow it). Returns the kernel
+  // that ran (1 or 2).
   m.def(
       "moe_experts_decode",
       [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
@@ -89,8 +90,8 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_router_tuning",
       [](int32_t cluster) {
-        GEMMA4X_CHECK_ARG(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8 || cluster == 16,
-                          "moe_router_tuning: cluster must be 0, 1, 2, 4, 8 or 16, got ", cluster);
+        GEMMA4X_CHECK_ARG(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8,
+                          "moe_router_tuning: cluster must be 0, 1, 2, 4 or 8, got ", cluster);
         moe_router_tuning(cluster);
       },
       py::arg("cluster") = 0);

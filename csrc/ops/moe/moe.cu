@@ -39,11 +39,11 @@ void check_ptr(const char* op, const char* name, const void* ptr, bool needed, s
                     "-byte aligned for the vector loads");
 }
 
+int g_router_cluster = 0;  // benchmark knob (moe_router_tuning): forced cluster size, 0 = automatic
+
 // Blocks per cluster: the router matrix (E*H elements) is split over C SMs per token. Decode
 // batches get 8, so the 720 KB matrix streams through 8 SMs; once the tokens alone fill the
 // machine, C = 1 avoids recomputing the norm.
-int g_router_cluster = 0;  // benchmark knob (moe_router_tuning): forced cluster size, 0 = automatic
-
 int router_cluster(int64_t tokens, int experts) {
   const int sms = device_sms();
   int c = tokens * 8 <= 2 * sms ? 8 : tokens * 4 <= 2 * sms ? 4 : tokens * 2 <= 2 * sms ? 2 : 1;
@@ -57,7 +57,7 @@ void launch_router(const MoeRouterParams& p, cudaStream_t stream) {
   const int c = router_cluster(p.tokens, p.experts);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(c * p.tokens));
-  cfg.blockDim = dim3(c > 1 ? kRouterDecodeThreads : kRouterThreads);
+  cfg.blockDim = dim3(kRouterThreads);
   cfg.dynamicSmemBytes = 2 * static_cast<size_t>(p.hidden) * sizeof(T);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -67,16 +67,7 @@ void launch_router(const MoeRouterParams& p, cudaStream_t stream) {
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (c > 1) {
-    const auto kernel = moe_router_kernel<T, kRouterDecodeThreads, 2>;
-    if (c > kRouterMaxCluster) {  // only through the benchmark knob
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                 "cudaFuncSetAttribute(moe_router_kernel)");
-    }
-    check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), "moe_router_kernel launch");
-  } else {
-    check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T, kRouterThreads, 1>, p), "moe_router_kernel launch");
-  }
+  check_cuda(cudaLaunchKernelEx(&cfg, moe_router_kernel<T>, p), "moe_router_kernel launch");
 }
 
 // GEMMA4X_MOE_PDL=0 launches the experts kernels without programmatic dependent launch (for
@@ -208,9 +199,6 @@ int device_attr(cudaDeviceAttr attr) {
   return v;
 }
 
-// Pipeline shape: a stage holds one gate/up chunk (4 gate + 4 up rows) or one down chunk (the
-// block's rows of one expert); up to 4 stages, act staged in shared memory when it fits beside
-// them (1 token at the 26B-A4B shape: 4 x 45 KB + 11 KB).
 // Every instance of the stream kernel: NVL (gate/up vectors per lane) x NVB (down vectors per lane).
 template <typename T, typename F>
 bool for_each_stream_kernel(F f) {
@@ -337,7 +325,7 @@ void launch_stream(const MoeExpertsDecodeParams& p, const StreamConfig& c, cudaS
 
 template <typename T>
 DecodeKernel run_decode(const MoeExpertsDecodeParams& p, DecodeKernel want, cudaStream_t stream) {
-  if (want != DecodeKernel::kSplit) {
+  if (want == DecodeKernel::kStream) {
     const StreamConfig c = stream_config<T>(p);
     if (c.ok) {
       const int a_vpl = (p.hidden / 8 + 31) / 32;
@@ -360,12 +348,14 @@ DecodeKernel run_decode(const MoeExpertsDecodeParams& p, DecodeKernel want, cuda
   return DecodeKernel::kSplit;
 }
 
-// GEMMA4X_MOE_DECODE=split forces the two-kernel path (benchmarks compare the two).
+// What kAuto runs: the two-kernel split path, measured faster (H200, 26B-A4B shape, experts alone:
+// 34.2 against 43.3 us at 1 token, 186 against 344 us at 8 tokens; bench/RESULTS.md).
+// GEMMA4X_MOE_DECODE=stream makes kAuto run the one-launch stream kernel instead.
 DecodeKernel env_decode_kernel() {
   static const DecodeKernel v = [] {
     const char* env = std::getenv("GEMMA4X_MOE_DECODE");
-    if (env != nullptr && std::string(env) == "split") return DecodeKernel::kSplit;
-    return DecodeKernel::kAuto;
+    if (env != nullptr && std::string(env) == "stream") return DecodeKernel::kStream;
+    return DecodeKernel::kSplit;
   }();
   return v;
 }

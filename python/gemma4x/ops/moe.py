@@ -11,10 +11,11 @@ Experts::
     out[t] = bf16( sum_j w[t,j] * bf16( (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T ) )   e = idx[t,j]
 
 with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode batches
-(``T*k <= 64``) read each chosen expert once: one persistent launch that streams the weights
-through a bulk-copy pipeline on every SM (gate/up, a grid barrier, down + combine), or the
-older two-kernel path where the device does not allow that one; larger batches take the
-reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
+(``T*k <= 64``) read each chosen expert once, by default with two weight-streaming kernels
+(gate/up + GeGLU, then down + combine); ``DECODE_KERNEL = "stream"`` selects the experimental
+one-launch kernel (a bulk-copy pipeline on every SM, gate/up, a grid barrier, down + combine),
+which streams the weights faster but computes slower, so it is not the default yet (see
+bench/RESULTS.md). Larger batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
 live in :mod:`gemma4x.reference.moe`.
 """
 
@@ -41,9 +42,9 @@ DECODE_MAX_EXPERTS = 256
 DECODE_MAX_HIDDEN = 3072
 DECODE_MAX_INTER = 1024
 _DECODE_DTYPES = (torch.bfloat16, torch.float16)
-# Which decode kernels moe_experts_decode runs: "auto" (the one-launch stream kernel where the
-# device allows it, else the two-kernel split path), "split" or "stream". Tests and benchmarks
-# set it to compare the two; GEMMA4X_MOE_DECODE=split forces "split" for the "auto" setting.
+# Which decode kernels moe_experts_decode runs: "auto" (the two-kernel split path, unless
+# GEMMA4X_MOE_DECODE=stream), "split" or "stream" (the one-launch kernel; split where the device
+# cannot run it). Tests and benchmarks set it to compare the two.
 DECODE_KERNEL = "auto"
 _DECODE_KERNEL_CODES = {"auto": 0, "split": 1, "stream": 2}
 LAST_DECODE_KERNEL = None  # "split" or "stream": what the last eager decode call ran (for tests)

@@ -5,13 +5,9 @@
 // One thread-block cluster per token. Each of its C blocks normalises the token's row (a 5.6 KB
 // L2 hit at H = 2816, cheaper than sharing it) and computes E / C logits, one warp per logit row
 // at a time; the logits land in the leader block's shared memory through distributed shared
-// memory, and after the cluster barrier the leader block runs softmax (first warp; E <= 256: at
-// most 8 logits per lane) and top-k (every thread ranks one expert against all E probabilities,
-// one pass instead of k rounds of a warp argmax). At decode, C = 8 spreads the 720 KB router
-// matrix over 8 SMs instead of streaming it through one, with 256-thread blocks whose warps hold
-// both their rows in registers (64K registers at 512 threads filled the SM, so the experts
-// kernel, launched early behind the router, could not start a block there until the router
-// ended); at prefill C = 1 (every SM already has tokens) and 512 threads.
+// memory, and after the cluster barrier the leader's first warp runs softmax and top-k on them
+// (E <= 256: at most 8 logits per lane). At decode, C = 8 spreads the 720 KB router matrix over 8
+// SMs instead of streaming it through one; at prefill C = 1 (every SM already has tokens).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -19,23 +15,33 @@
 #include <cfloat>
 
 #include "gemma4x/common/vec.cuh"
-#include "gemma4x/moe/experts_decode_kernels.cuh"  // dot8: conversions kept inside the loop
 #include "gemma4x/moe/params.h"
 #include "gemma4x/moe/pdl.cuh"
 
 namespace gemma4x::moe {
 
-constexpr int kRouterThreads = 512;        // prefill: 16 warps, one logit row per warp per step
-constexpr int kRouterDecodeThreads = 256;  // decode (C > 1): 8 warps, two rows each held in registers
+constexpr int kRouterThreads = 512;     // 16 warps: one logit row per warp per step
 constexpr int kRouterMaxExperts = 256;  // 8 logits per lane in the top-k warp
 constexpr int kRouterMaxCluster = 8;    // portable cluster size limit
-constexpr int kRouterMaxTopK = 32;
 constexpr int kRouterRowRegs = 11;      // 16-byte vectors per lane of a prefetched logit row: H = 2816 bf16 exactly
 
 // HF: pow(mean(x^2) + eps, -0.5), which PyTorch's CUDA pow evaluates with rsqrt (as the norm
 // family does, see norm/rms_norm_kernels.cuh).
 __device__ __forceinline__ float router_inv_rms(float sum_sq, int hidden, float eps) {
   return rsqrtf(sum_sq * __frcp_rn(static_cast<float>(hidden)) + eps);
+}
+
+// Warp argmax over (value, index) with ties to the lower index, as a stable descending sort does.
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, offset);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, offset);
+    if (ov > v || (ov == v && oi < i)) {
+      v = ov;
+      i = oi;
+    }
+  }
 }
 
 // 16-byte moves through uint4: a plain copy of Vec<__nv_bfloat16, 8> compiles to eight 2-byte
@@ -58,10 +64,8 @@ __device__ __forceinline__ float dot_vec(const Vec<T, VEC>& a, const Vec<T, VEC>
   return acc;
 }
 
-// THREADS: block size; ROWS: logit rows per warp prefetched into registers (the rest stream).
-template <typename T, int THREADS, int ROWS>
-__global__ void __launch_bounds__(THREADS, 65536 / (THREADS * 128))
-    moe_router_kernel(const __grid_constant__ MoeRouterParams p) {
+template <typename T>
+__global__ void __launch_bounds__(kRouterThreads) moe_router_kernel(const __grid_constant__ MoeRouterParams p) {
   namespace cg = cooperative_groups;
   constexpr int VEC = 16 / sizeof(T);
   // r (the scaled, rounded router input) and scale, kept in T: r is exactly representable (every
@@ -71,8 +75,6 @@ __global__ void __launch_bounds__(THREADS, 65536 / (THREADS * 128))
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float logits[kRouterMaxExperts];
   __shared__ float scratch[32];
-  __shared__ float top_p[kRouterMaxTopK];
-  __shared__ int top_e[kRouterMaxTopK];
 
   // The experts kernel may launch now (programmatic dependent launch); it waits for this grid's
   // completion before it reads the routing, so its blocks' launch latency hides behind ours.
@@ -91,21 +93,17 @@ __global__ void __launch_bounds__(THREADS, 65536 / (THREADS * 128))
   uint4* r_smem = reinterpret_cast<uint4*>(smem_raw);  // nvec vectors of T
   uint4* s_smem = r_smem + nvec;
 
-  // 0. Every global load that depends on nothing is issued first: this warp's first ROWS logit
-  // rows (into registers when a row fits kRouterRowRegs vectors per lane), the token row and the
+  // 0. Every global load that depends on nothing is issued first: this warp's first logit row
+  // (into registers when a row fits kRouterRowRegs vectors per lane), the token row and the
   // scale. At decode the kernel is one memory round trip, not four.
   const T* W = static_cast<const T*>(p.proj_weight);
-  const bool rows_in_regs = nvec <= 32 * kRouterRowRegs;
-  Vec<T, VEC> w_pre[ROWS][kRouterRowRegs];
+  const bool row_in_regs = warp < per_block && nvec <= 32 * kRouterRowRegs;
+  Vec<T, VEC> w_first[kRouterRowRegs];
+  if (row_in_regs) {
+    const T* row = W + static_cast<int64_t>(rank * per_block + warp) * H;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const int el = warp + r * nwarps;
-    if (rows_in_regs && el < per_block) {
-      const T* row = W + static_cast<int64_t>(rank * per_block + el) * H;
-#pragma unroll
-      for (int m = 0; m < kRouterRowRegs; ++m) {
-        w_pre[r][m] = ld16<T, VEC>(row + min(lane + 32 * m, nvec - 1) * VEC);
-      }
+    for (int m = 0; m < kRouterRowRegs; ++m) {
+      w_first[m] = ld16<T, VEC>(row + min(lane + 32 * m, nvec - 1) * VEC);
     }
   }
 
@@ -141,30 +139,16 @@ __global__ void __launch_bounds__(THREADS, 65536 / (THREADS * 128))
 
   // 3. This block's E / C logits: one warp per row, fp32 accumulation, rounded as F.linear's output.
   float* leader_logits = cluster.map_shared_rank(logits, 0);
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {  // the prefetched rows
-    const int el = warp + r * nwarps;
-    if (!rows_in_regs || el >= per_block) break;
-    float acc = 0.f;
-#pragma unroll
-    for (int m = 0; m < kRouterRowRegs; ++m) {
-      const int v = lane + 32 * m;
-      if (v < nvec) {
-        if constexpr (VEC == 8) {
-          acc = dot8(w_pre[r][m], ld16<T, VEC>(r_smem + v), acc);  // 2-byte T: 176 weights per lane
-        } else {
-          acc = dot_vec(w_pre[r][m], ld16<T, VEC>(r_smem + v), acc);
-        }
-      }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) leader_logits[rank * per_block + el] = round_to<T>(acc);
-  }
-  for (int el = warp + (rows_in_regs ? ROWS * nwarps : 0); el < per_block; el += nwarps) {
+  for (int el = warp; el < per_block; el += nwarps) {
     const int e = rank * per_block + el;
     float acc = 0.f;
-    {
+    if (el == warp && row_in_regs) {
+#pragma unroll
+      for (int m = 0; m < kRouterRowRegs; ++m) {
+        const int v = lane + 32 * m;
+        if (v < nvec) acc = dot_vec(w_first[m], ld16<T, VEC>(r_smem + v), acc);
+      }
+    } else {
       const T* row = W + static_cast<int64_t>(e) * H;
 #pragma unroll 4
       for (int v = lane; v < nvec; v += 32) {
@@ -176,63 +160,63 @@ __global__ void __launch_bounds__(THREADS, 65536 / (THREADS * 128))
     if (lane == 0) leader_logits[e] = round_to<T>(acc);
   }
   cluster.sync();  // every logit is in the leader's shared memory
-  if (rank != 0) return;
+  if (rank != 0 || warp != 0) return;
 
-  // 4. Softmax in fp32 (PyTorch's warp softmax: exp(x - max) / sum) by the first warp; the
-  // probabilities overwrite the logits.
+  // 4. Softmax in fp32 (PyTorch's warp softmax: exp(x - max) / sum), then top-k.
   constexpr int PER_LANE = kRouterMaxExperts / 32;
   const int E = p.experts;
-  if (warp == 0) {
-    float prob[PER_LANE];
-    float mx = -FLT_MAX;
+  float prob[PER_LANE];
+  float mx = -FLT_MAX;
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-      const int e = lane + 32 * j;
-      prob[j] = e < E ? logits[e] : -FLT_MAX;
-      mx = fmaxf(mx, prob[j]);
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-      prob[j] = lane + 32 * j < E ? expf(prob[j] - mx) : 0.f;
-      sum += prob[j];
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-#pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-      if (lane + 32 * j < E) logits[lane + 32 * j] = prob[j] / sum;
-    }
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int e = lane + 32 * j;
+    prob[j] = e < E ? logits[e] : -FLT_MAX;
+    mx = fmaxf(mx, prob[j]);
   }
-  if (threadIdx.x < p.top_k) top_e[threadIdx.x] = -1;  // stays -1 only for NaN probabilities
-  __syncthreads();
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    prob[j] = lane + 32 * j < E ? expf(prob[j] - mx) : 0.f;
+    sum += prob[j];
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) prob[j] = lane + 32 * j < E ? prob[j] / sum : -1.f;
 
-  // 5. Top-k in one pass: expert e's place is the number of experts ahead of it in the order a
-  // stable descending sort gives (higher probability first, the lower id first among equals).
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const float pe = logits[e];
-    int place = 0;
-    for (int o = 0; o < E; ++o) {
-      const float po = logits[o];
-      place += (po > pe) || (po == pe && o < e);
+  // k rounds of a warp argmax; lane s keeps the s-th pick. Probabilities are >= 0, so a taken
+  // or absent slot is marked -1.
+  float my_w = 0.f;
+  int my_e = 0;
+  float wsum = 0.f;
+  for (int s = 0; s < p.top_k; ++s) {
+    float bv = -1.f;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      if (prob[j] > bv) {  // strict: the lower index (earlier j) wins a tie within the lane
+        bv = prob[j];
+        bi = lane + 32 * j;
+      }
     }
-    if (place < p.top_k) {
-      top_p[place] = pe;
-      top_e[place] = e;
+    warp_argmax(bv, bi);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      if (lane + 32 * j == bi) prob[j] = -1.f;
+    }
+    wsum += bv;  // descending order, sequential: the order torch's sum of k values follows
+    if (lane == s) {
+      my_w = bv;
+      my_e = bi;
     }
   }
-  __syncthreads();
-  if (threadIdx.x < p.top_k) {
-    float wsum = 0.f;  // descending order, sequential: the order torch's sum of k values follows
-    for (int s = 0; s < p.top_k; ++s) wsum += top_p[s];
-    const int my_e = top_e[threadIdx.x];
-    const int pe = max(my_e, 0);
-    const float pes = p.per_expert_scale_fp32 ? static_cast<const float*>(p.per_expert_scale)[pe]
-                                              : Float<T>::load(static_cast<const T*>(p.per_expert_scale)[pe]);
-    p.weights[token * p.top_k + threadIdx.x] = my_e >= 0 ? top_p[threadIdx.x] / wsum * pes : 0.f;
-    p.idx[token * p.top_k + threadIdx.x] = my_e;
+  if (lane < p.top_k) {
+    const float pes = p.per_expert_scale_fp32 ? static_cast<const float*>(p.per_expert_scale)[my_e]
+                                              : Float<T>::load(static_cast<const T*>(p.per_expert_scale)[my_e]);
+    p.weights[token * p.top_k + lane] = my_w / wsum * pes;
+    p.idx[token * p.top_k + lane] = my_e;
   }
 }
 
