@@ -42,7 +42,7 @@ def main():
         used = statistics.mean(r[1].unique().numel() for r in routes)
         nbytes = used * EXPERT_BYTES
 
-        def experts(kernel):
+        def experts(kernel, sets=sets, routes=routes):
             moe_ops.DECODE_KERNEL = kernel
             try:
                 return time_graph([lambda s=s, r=r: ops.moe_experts(s[1], r[1], r[0], W["gate_up"], W["down"])
