@@ -3,7 +3,8 @@
 E=128 experts, top-8, H=2816, I=704, bf16. For each token count: µs per call, weight bytes read
 (router matrix + every chosen expert once) over that time in TB/s, % of the device copy bandwidth
 measured in the same run, and kernel launches per call, for gemma4x (decode kernels at T*k <= 64,
-grouped_mm beyond), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
+grouped_mm beyond; "gemma4x" is the default two-kernel decode path, "gemma4x_stream" the
+experimental one-launch stream kernel), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
 torch loop (HF's eager experts; it syncs with the host, so it is timed eagerly with events, not
 in a graph). Every graph-timed call replays over rotated input sets.
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from bench.harness import Report, copy_bandwidth_gbs, time_graph  # noqa: E402
 from gemma4x import ops  # noqa: E402
+from gemma4x.ops import moe as moe_ops  # noqa: E402
 from gemma4x.reference import moe as ref  # noqa: E402
 from gemma4x.reference.activation import gelu_tanh  # noqa: E402
 
@@ -48,6 +50,14 @@ def make_weights():
 def block_gemma4x(W, h, x):
     w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
     return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
+
+
+def block_gemma4x_stream(W, h, x):
+    moe_ops.DECODE_KERNEL = "stream"
+    try:
+        return block_gemma4x(W, h, x)
+    finally:
+        moe_ops.DECODE_KERNEL = "auto"
 
 
 def block_reference(W, h, x):
@@ -116,7 +126,7 @@ def topk_tie_order():
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
-    p.add_argument("--impls", nargs="+", default=["gemma4x", "reference", "torch_loop"])
+    p.add_argument("--impls", nargs="+", default=["gemma4x", "gemma4x_stream", "reference", "torch_loop"])
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
@@ -127,7 +137,8 @@ def main():
     print(f"device: {report.device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write); "
           f"torch.topk ties lower index first: {report.ceilings['torch_topk_lower_index_first']}")
     W = make_weights()
-    impls = {"gemma4x": block_gemma4x, "reference": block_reference, "torch_loop": block_torch_loop}
+    impls = {"gemma4x": block_gemma4x, "gemma4x_stream": block_gemma4x_stream, "reference": block_reference,
+             "torch_loop": block_torch_loop}
     impls = {k: v for k, v in impls.items() if k in args.impls}
 
     print(f"{'tokens':>6} {'experts':>7} {'MB':>7} | " + " | ".join(f"{k:>30}" for k in impls))
@@ -146,6 +157,9 @@ def main():
         expected = block_reference(W, *sets[0])
         cells = []
         for name, fn in impls.items():
+            if name == "gemma4x_stream" and T * K > 64:
+                cells.append(f"{'(same as gemma4x)':>30}")
+                continue
             out = fn(W, *sets[0])
             err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
             if name == "torch_loop":
@@ -161,7 +175,10 @@ def main():
             cells.append(f"{us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}% L{launches:<3d}")
         print(f"{T:>6} {statistics.mean(used):>7.1f} {nbytes / 1e6:>7.1f} | " + " | ".join(f"{c:>30}" for c in cells),
               flush=True)
-        if "gemma4x" in impls and T * K <= 64:  # where the decode time goes
+        for variant in ("split", "stream"):
+            if "gemma4x" not in impls or T * K > 64:  # where the decode time goes
+                break
+            moe_ops.DECODE_KERNEL = variant
             h, x = sets[0]
             w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
             t_router = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
@@ -172,15 +189,16 @@ def main():
             try:  # eager, one kernel at a time (no PDL overlap): where each kernel's time goes
                 per_kernel = {}
                 for i, s in enumerate(sets):
-                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):
+                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):  # DECODE_KERNEL = variant
                         short = name.split("<")[0].split("(")[0].split("::")[-1]
                         per_kernel.setdefault(short, []).append(t)
                 per_kernel = {k: statistics.median(v) for k, v in per_kernel.items()}
             except Exception as exc:
                 per_kernel = {"unavailable": str(exc)}
-            report.add(impl="gemma4x_parts", tokens=T, router_us=t_router, experts_us=t_experts,
+            moe_ops.DECODE_KERNEL = "auto"
+            report.add(impl=f"gemma4x_parts_{variant}", tokens=T, router_us=t_router, experts_us=t_experts,
                        experts_TBps=(nbytes - ROUTER_BYTES) / (t_experts * 1e-6) / 1e12, eager_kernels_us=per_kernel)
-            print(f"{'':>6} gemma4x parts: router {t_router:.1f} us, experts {t_experts:.1f} us "
+            print(f"{'':>6} {variant} parts: router {t_router:.1f} us, experts {t_experts:.1f} us "
                   f"({(nbytes - ROUTER_BYTES) / (t_experts * 1e-6) / 1e12:.2f} TB/s); eager kernels: "
                   + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in per_kernel.items()),
                   flush=True)

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "gemma4x/common/check.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -41,12 +42,16 @@ void register_moe(py::module_& m) {
       py::arg("per_expert_scale"), py::arg("per_expert_scale_fp32"), py::arg("tokens"), py::arg("hidden"),
       py::arg("experts"), py::arg("top_k"), py::arg("eps"), py::arg("dtype"), py::arg("stream"));
 
-  // out[t] = bf16(sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t)) for T*k <= 64 (two launches; act is a [T*k, I] workspace).
+  // out[t] = bf16(sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t)) for T*k <= 64; act is a [T*k, I] workspace.
+  // kernel: 0 auto (split unless GEMMA4X_MOE_DECODE=stream), 1 split (two launches), 2 stream (one
+  // persistent launch, falls back to split where the device does not allow it). Returns the kernel
+  // that ran (1 or 2).
   m.def(
       "moe_experts_decode",
       [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
          uintptr_t gate_up, uintptr_t down, uintptr_t act, int32_t tokens, int32_t top_k, int32_t experts,
-         int32_t hidden, int32_t inter, int32_t dtype, uintptr_t stream) {
+         int32_t hidden, int32_t inter, int32_t dtype, uintptr_t stream, int32_t kernel) {
+        GEMMA4X_CHECK_ARG(kernel >= 0 && kernel <= 2, "moe_experts_decode: kernel must be 0, 1 or 2, got ", kernel);
         MoeExpertsDecodeParams p{};
         p.x = as_ptr(x);
         p.x_row_stride = x_stride;
@@ -62,12 +67,34 @@ void register_moe(py::module_& m) {
         p.experts = experts;
         p.hidden = hidden;
         p.inter = inter;
-        moe_experts_decode(p, dtype_from_code(dtype, "moe_experts_decode dtype"),
-                           reinterpret_cast<cudaStream_t>(stream));
+        return static_cast<int>(moe_experts_decode(p, dtype_from_code(dtype, "moe_experts_decode dtype"),
+                                                   reinterpret_cast<cudaStream_t>(stream),
+                                                   static_cast<DecodeKernel>(kernel)));
       },
       py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
       py::arg("gate_up"), py::arg("down"), py::arg("act"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"),
-      py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("stream"));
+      py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("stream"), py::arg("kernel") = 0);
+
+  // Benchmark knobs of the one-launch decode kernel: (max stages, bulk-copy piece bytes, mode);
+  // mode 1 streams the weights without computing (a timing probe whose output is unset).
+  m.def(
+      "moe_stream_tuning",
+      [](int32_t max_stages, int32_t piece_bytes, int32_t mode) {
+        GEMMA4X_CHECK_ARG(max_stages >= 2 && max_stages <= 4, "moe_stream_tuning: max_stages in [2, 4], got ", max_stages);
+        GEMMA4X_CHECK_ARG(piece_bytes >= 0, "moe_stream_tuning: piece_bytes >= 0, got ", piece_bytes);
+        GEMMA4X_CHECK_ARG(mode == 0 || mode == 1, "moe_stream_tuning: mode 0 or 1, got ", mode);
+        moe_stream_tuning(StreamTuning{max_stages, piece_bytes, mode});
+      },
+      py::arg("max_stages") = 4, py::arg("piece_bytes") = 0, py::arg("mode") = 0);
+
+  m.def(
+      "moe_router_tuning",
+      [](int32_t cluster) {
+        GEMMA4X_CHECK_ARG(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8,
+                          "moe_router_tuning: cluster must be 0, 1, 2, 4 or 8, got ", cluster);
+        moe_router_tuning(cluster);
+      },
+      py::arg("cluster") = 0);
 
   // (max pairs T*k, max experts E, max hidden H, max intermediate I) of the decode kernels.
   m.def("moe_decode_limits", [] {

@@ -187,15 +187,30 @@ def _poison_allocator(numel, dtype):
     torch.empty(max(numel, 1), dtype=dtype, device="cuda").fill_(float("nan"))
 
 
+@pytest.fixture(params=["stream", "split"])
+def decode_kernel(request, monkeypatch):
+    """Runs a test once per decode path (the one-launch stream kernel and the two-kernel split)."""
+    monkeypatch.setattr(moe_ops, "DECODE_KERNEL", request.param)
+    return request.param
+
+
+def _assert_ran(kernel):
+    # The stream kernel needs cooperative launch and <= 32 output rows per SM: true on H100/H200.
+    assert moe_ops.LAST_DECODE_KERNEL == kernel
+
+
 @pytest.mark.parametrize("T", [1, 3, 8, 64, 200])
 @pytest.mark.parametrize("skew", [False, True])
-def test_experts_real_shape(T, skew, real_weights, gen):
+def test_experts_real_shape(T, skew, real_weights, gen, decode_kernel):
     gate_up, down = real_weights
     x = _rand((T, REAL["H"]), torch.bfloat16, gen)
     w, idx = _routing(T, REAL["E"], REAL["k"], gen, skew)
     assert moe_ops.decode_supported(x, idx, gate_up, down) == (T * REAL["k"] <= 64)
     _poison_allocator(T * REAL["H"], torch.bfloat16)
+    moe_ops.LAST_DECODE_KERNEL = None
     out = ops.moe_experts(x, idx, w, gate_up, down)
+    if T * REAL["k"] <= 64:
+        _assert_ran(decode_kernel)
     assert_experts_accurate(out, x, idx, w, gate_up, down)
     assert torch.equal(out, ops.moe_experts(x, idx, w, gate_up, down))
 
@@ -204,16 +219,18 @@ def test_experts_real_shape(T, skew, real_weights, gen):
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 8, 64, 32, 2), (3, 8, 64, 32, 2), (32, 8, 64, 32, 2), (5, 16, 256, 96, 4),
                                        (16, 16, 256, 96, 4), (2, 256, 136, 40, 32), (1, 4, 3072, 1024, 4),
                                        (7, 5, 200, 64, 3), (16, 16, 2048, 64, 4)])  # x over 48 KB: x in registers
-def test_experts_decode_shapes(dtype, T, E, H, I, k, gen):
+def test_experts_decode_shapes(dtype, T, E, H, I, k, gen, decode_kernel):
     gate_up, down = _expert_weights(E, H, I, dtype, gen)
     x = _rand((T, H), dtype, gen)
     w, idx = _routing(T, E, k, gen)
     assert moe_ops.decode_supported(x, idx, gate_up, down)
+    _poison_allocator(T * H, dtype)
     out = torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down)
+    _assert_ran(decode_kernel)
     assert_experts_accurate(out, x, idx, w, gate_up, down)
 
 
-def test_experts_all_tokens_one_expert_and_repeated_slots(gen):
+def test_experts_all_tokens_one_expert_and_repeated_slots(gen, decode_kernel):
     E, H, I, k, T = 16, 256, 96, 4, 16
     gate_up, down = _expert_weights(E, H, I, torch.bfloat16, gen)
     x = _rand((T, H), torch.bfloat16, gen)
@@ -221,7 +238,50 @@ def test_experts_all_tokens_one_expert_and_repeated_slots(gen):
     idx[:, 1] = 2
     w = torch.rand(T, k, generator=gen, device="cuda")
     out = torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down)
+    _assert_ran(decode_kernel)
     assert_experts_accurate(out, x, idx, w, gate_up, down)
+
+
+def test_experts_out_of_range_ids_contribute_nothing(gen, decode_kernel):
+    E, H, I, k, T = 16, 256, 96, 4, 5
+    gate_up, down = _expert_weights(E, H, I, torch.bfloat16, gen)
+    x = _rand((T, H), torch.bfloat16, gen)
+    w, idx = _routing(T, E, k, gen)
+    bad = idx.clone()
+    bad[:, 1] = E + 3
+    bad[2, :] = -1  # token 2 has no valid expert: its output is 0
+    out = torch.ops.gemma4x.moe_experts_decode(x, bad, w, gate_up, down)
+    keep = (bad >= 0) & (bad < E)
+    expected = ref.moe_experts(x, idx, w * keep, gate_up, down)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("T", [1, 8])
+def test_stream_kernel_repeatable_and_in_a_cuda_graph(T, real_weights, gen, decode_kernel):
+    """Same inputs, same bits (no race across the grid barrier), eager and replayed in a graph."""
+    gate_up, down = real_weights
+    x = _rand((T, REAL["H"]), torch.bfloat16, gen)
+    w, idx = _routing(T, REAL["E"], REAL["k"], gen)
+    first = ops.moe_experts(x, idx, w, gate_up, down)
+    for _ in range(20):
+        assert torch.equal(first, ops.moe_experts(x, idx, w, gate_up, down))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.moe_experts(x, idx, w, gate_up, down)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.moe_experts(x, idx, w, gate_up, down)
+    for _ in range(3):
+        x.copy_(_rand((T, REAL["H"]), torch.bfloat16, gen))
+        w2, idx2 = _routing(T, REAL["E"], REAL["k"], gen)
+        w.copy_(w2)
+        idx.copy_(idx2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ops.moe_experts(x, idx, w, gate_up, down))
 
 
 def test_experts_strided_x_and_general_path_dtypes(gen):
@@ -260,7 +320,7 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.gemma4x.moe_experts_decode.default, (x, idx, w, gate_up, down))
 
 
-def test_routed_block_in_a_cuda_graph(real_weights, gen):
+def test_routed_block_in_a_cuda_graph(real_weights, gen, decode_kernel):
     gate_up, down = real_weights
     E, H, k = REAL["E"], REAL["H"], REAL["k"]
     _, proj, scale, pes = _router_inputs(1, E, H, torch.bfloat16, gen)

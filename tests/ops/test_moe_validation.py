@@ -131,3 +131,19 @@ def test_decode_path_selection(T_, k, dtype, H_, I_, expected):
     gu = torch.empty(4, 2 * I_, H_, dtype=dtype, device="meta")
     down = torch.empty(4, H_, I_, dtype=dtype, device="meta")
     assert moe_ops.decode_supported(x, idx, gu, down) == expected
+
+
+def test_public_ops_validate_once(monkeypatch):
+    """ops.moe_router / ops.moe_experts hand well-formed decode arguments to the custom op, which
+    checks them; the wrapper does not check them a second time."""
+    calls = []
+    for name in ("_check_router", "_check_experts"):
+        real = getattr(moe_ops, name)
+        monkeypatch.setattr(moe_ops, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        ops.moe_router(*_router_args())
+    assert calls == ["_check_router"]
+    calls.clear()
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        ops.moe_experts(*_experts_args())
+    assert calls == ["_check_experts"]

@@ -11,8 +11,11 @@ Experts::
     out[t] = bf16( sum_j w[t,j] * bf16( (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T ) )   e = idx[t,j]
 
 with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode batches
-(``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger
-batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
+(``T*k <= 64``) read each chosen expert once, by default with two weight-streaming kernels
+(gate/up + GeGLU, then down + combine); ``DECODE_KERNEL = "stream"`` selects the experimental
+one-launch kernel (a bulk-copy pipeline on every SM, gate/up, a grid barrier, down + combine),
+which streams the weights faster but computes slower, so it is not the default yet (see
+bench/RESULTS.md). Larger batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
 live in :mod:`gemma4x.reference.moe`.
 """
 
@@ -39,6 +42,12 @@ DECODE_MAX_EXPERTS = 256
 DECODE_MAX_HIDDEN = 3072
 DECODE_MAX_INTER = 1024
 _DECODE_DTYPES = (torch.bfloat16, torch.float16)
+# Which decode kernels moe_experts_decode runs: "auto" (the two-kernel split path, unless
+# GEMMA4X_MOE_DECODE=stream), "split" or "stream" (the one-launch kernel; split where the device
+# cannot run it). Tests and benchmarks set it to compare the two.
+DECODE_KERNEL = "auto"
+_DECODE_KERNEL_CODES = {"auto": 0, "split": 1, "stream": 2}
+LAST_DECODE_KERNEL = None  # "split" or "stream": what the last eager decode call ran (for tests)
 
 
 def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list[int], dtype, device, *, contiguous: bool) -> None:
@@ -111,6 +120,24 @@ def decode_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Ten
     )  # no data_ptr() here: fake tensors have none (the launcher checks 16-byte alignment)
 
 
+def _rows(h) -> int:
+    """Tokens in ``h`` for the path choice (0 for anything malformed: the op's checks report it)."""
+    if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[-1] == 0:
+        return 0
+    return h.numel() // h.shape[-1]
+
+
+def _decode_candidate(x, idx, gate_up_proj, down_proj) -> bool:
+    """decode_supported() for well-formed tensors; False for anything else (the reference path's
+    checks then name the problem)."""
+    tensors = (x, idx, gate_up_proj, down_proj)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if not x.is_cuda or x.dim() != 2 or idx.dim() != 2 or gate_up_proj.dim() != 3:
+        return False
+    return decode_supported(x, idx, gate_up_proj, down_proj)
+
+
 def _aligned_rows(t: torch.Tensor, name: str, op: str, vec: int) -> tuple[torch.Tensor, int]:
     """``[rows, hidden]`` view whose base and row stride allow 16-byte loads (copied if not)."""
     rows, stride = as_rows(t, name, op)
@@ -177,12 +204,15 @@ def _moe_experts_decode_op(
     act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     rows, stride = _aligned_rows(x, "x", "moe_experts_decode", 8)
     idx, weights = idx.contiguous(), weights.contiguous()
+    global LAST_DECODE_KERNEL
+    kernel = _DECODE_KERNEL_CODES[DECODE_KERNEL]
     with on_device(x) as stream:
-        extension().moe.moe_experts_decode(
+        ran = extension().moe.moe_experts_decode(
             out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
             gate_up_proj.data_ptr(), down_proj.data_ptr(), act.data_ptr(),
-            T, k, E, H, I, DTYPE_CODES[x.dtype], stream,
+            T, k, E, H, I, DTYPE_CODES[x.dtype], stream, kernel,
         )  # fmt: skip
+    LAST_DECODE_KERNEL = {1: "split", 2: "stream"}.get(ran)
     return out
 
 
@@ -216,11 +246,12 @@ def moe_router(
     Returns:
         (weights ``[..., k]`` float32, idx ``[..., k]`` int64), sorted by descending probability.
     """
+    # Validated once, by whichever path runs: the custom op checks its arguments itself.
+    if _rows(h) <= ROUTER_FUSED_MAX_TOKENS:
+        return torch.ops.gemma4x.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
     _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
     check_cuda("moe_router", "h", h)
-    if h.numel() // h.shape[-1] > ROUTER_FUSED_MAX_TOKENS:
-        return _ref.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
-    return torch.ops.gemma4x.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    return _ref.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
 
 
 def moe_experts(
@@ -245,8 +276,10 @@ def moe_experts(
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
+    # Validated once, by whichever path runs: the decode op checks its arguments itself, and
+    # anything malformed goes to the checks below.
+    if _decode_candidate(x, idx, gate_up_proj, down_proj):
+        return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
     _check_experts(x, idx, weights, gate_up_proj, down_proj)
     check_cuda("moe_experts", "x", x)
-    if decode_supported(x, idx, gate_up_proj, down_proj):
-        return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
     return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)
