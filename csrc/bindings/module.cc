@@ -14,6 +14,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_moe(moe);
   auto gemm = m.def_submodule("gemm", "NVFP4 W4A4 block-scaled GEMM (sm_100a builds only; gemm.has_sm100 says)");
   gemma4x::bindings::register_gemm(gemm);
+  auto moe_prefill = m.def_submodule("moe_prefill", "MoE prefill: CUTLASS grouped GEMMs (sm_90a builds only; has_sm90 says)");
+  gemma4x::bindings::register_moe_prefill(moe_prefill);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

@@ -15,5 +15,6 @@ inline void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 void register_norm(pybind11::module_& m);
 void register_moe(pybind11::module_& m);
 void register_gemm(pybind11::module_& m);
+void register_moe_prefill(pybind11::module_& m);
 
 }  // namespace gemma4x::bindings

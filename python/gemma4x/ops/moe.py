@@ -11,9 +11,11 @@ Experts::
     out[t] = bf16( sum_j w[t,j] * bf16( (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T ) )   e = idx[t,j]
 
 with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode batches
-(``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger
-batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
-live in :mod:`gemma4x.reference.moe`.
+(``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger bf16
+batches on SM90 run the prefill path (device-side permute, two CUTLASS grouped GEMMs, GeGLU and a
+weighted combine, six launches, :func:`prefill_supported`); anything else (other archs, other
+dtypes) the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures live
+in :mod:`gemma4x.reference.moe`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ DECODE_MAX_EXPERTS = 256
 DECODE_MAX_HIDDEN = 3072
 DECODE_MAX_INTER = 1024
 _DECODE_DTYPES = (torch.bfloat16, torch.float16)
+PREFILL_MAX_EXPERTS = 256
+PREFILL_MAX_TOP_K = 32
+# Grouped-GEMM tile of the prefill path: 0 picks by rows per expert, 1 = cooperative 128x256,
+# 2 = ping-pong 64x256 (csrc/include/gemma4x/moe/prefill_params.h, PrefillTile).
+PREFILL_TILES = (0, 1, 2)
 
 
 def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list[int], dtype, device, *, contiguous: bool) -> None:
@@ -192,6 +199,100 @@ def _(x, idx, weights, gate_up_proj, down_proj):
     return x.new_empty(x.shape)
 
 
+def prefill_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """True when the arguments fit the SM90 prefill kernels (bf16, contiguous weights, H and I
+    multiples of 8, E <= 256, k <= 32). Says nothing about the GPU: see :func:`prefill_device_ok`."""
+    H = x.shape[1]
+    k = idx.shape[1]
+    E, I2, _ = gate_up_proj.shape
+    return (
+        x.dtype == torch.bfloat16
+        and E <= PREFILL_MAX_EXPERTS
+        and k <= PREFILL_MAX_TOP_K
+        and H % 8 == 0
+        and (I2 // 2) % 8 == 0
+        and I2 > 0
+        and gate_up_proj.is_contiguous()
+        and down_proj.is_contiguous()
+    )
+
+
+_prefill_device_cache: dict[int, bool] = {}
+
+
+def prefill_device_ok(device: torch.device) -> bool:
+    """True when ``device`` is a compute capability 9.0 GPU and the extension has its sm_90a kernels.
+
+    SM100 and other archs have no grouped-GEMM build yet: :func:`moe_experts` takes the reference
+    ``F.grouped_mm`` path there.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _prefill_device_cache.get(index)
+    if ok is None:
+        ok = False
+        if torch.cuda.get_device_capability(index) == (9, 0):
+            try:
+                ok = bool(extension().moe_prefill.has_sm90)
+            except Exception:  # no extension: the reference path still works
+                ok = False
+        _prefill_device_cache[index] = ok
+    return ok
+
+
+def _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile) -> None:
+    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+    if not prefill_supported(x, idx, gate_up_proj, down_proj):
+        T, H = x.shape
+        E, I2, _ = gate_up_proj.shape
+        raise ValueError(
+            f"moe_experts_prefill: unsupported arguments (dtype {_fmt_dtype(x.dtype)}, T={T}, k={idx.shape[1]}, "
+            f"E={E}, H={H}, I={I2 // 2}); needs bfloat16, E <= {PREFILL_MAX_EXPERTS}, k <= {PREFILL_MAX_TOP_K}, "
+            "H and I multiples of 8, contiguous weights; moe_experts picks the grouped_mm path for anything else"
+        )
+    if isinstance(tile, bool) or tile not in PREFILL_TILES:
+        raise ValueError(f"moe_experts_prefill: tile must be one of {PREFILL_TILES}, got {tile!r}")
+
+
+@torch.library.custom_op("gemma4x::moe_experts_prefill", mutates_args=())
+def _moe_experts_prefill_op(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    tile: int = 0,
+) -> torch.Tensor:
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+    check_cuda("moe_experts_prefill", "x", x)
+    T, H = x.shape
+    k = idx.shape[1]
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    mod = extension().moe_prefill
+    if not getattr(mod, "has_sm90", False):
+        raise RuntimeError("moe_experts_prefill: gemma4x._C was built without an sm_90a target (GEMMA4X_CUDA_ARCHS)")
+    # Permuted x / GEMM outputs / per-expert GEMM arguments, from the torch allocator (graph-safe).
+    nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    rows, stride = _aligned_rows(x, "x", "moe_experts_prefill", 8)
+    idx, weights = idx.contiguous(), weights.contiguous()
+    with on_device(x) as stream:
+        mod.moe_experts_prefill(
+            out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
+            gate_up_proj.data_ptr(), down_proj.data_ptr(), workspace.data_ptr(), nbytes,
+            T, k, E, H, I, int(tile), stream,
+        )  # fmt: skip
+    return out
+
+
+@_moe_experts_prefill_op.register_fake
+def _(x, idx, weights, gate_up_proj, down_proj, tile=0):
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+    return x.new_empty(x.shape)
+
+
 def moe_router(
     h: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -233,9 +334,10 @@ def moe_experts(
     """``out[t] = sum_j weights[t,j] * (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T``, ``e = idx[t,j]``.
 
     fp32 sum over the k slots, rounded once to ``x.dtype``. Decode batches (``T*k <= 64``, see
-    :func:`decode_supported`) run the two decode kernels; anything else the reference
-    ``F.grouped_mm`` path, so every size is correct. Expert ids outside ``[0, E)`` contribute
-    nothing on the decode path.
+    :func:`decode_supported`) run the two decode kernels; larger bf16 batches on an SM90 GPU the
+    grouped-GEMM prefill path (:func:`prefill_supported`, :func:`prefill_device_ok`); anything
+    else the reference ``F.grouped_mm`` path, so every size is correct. Expert ids outside
+    ``[0, E)`` contribute nothing on the decode and prefill paths.
 
     Args:
         x: ``[T, H]`` expert input (``pre_feedforward_layernorm_2`` output), CUDA.
@@ -249,4 +351,6 @@ def moe_experts(
     check_cuda("moe_experts", "x", x)
     if decode_supported(x, idx, gate_up_proj, down_proj):
         return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
+    if prefill_supported(x, idx, gate_up_proj, down_proj) and prefill_device_ok(x.device):
+        return torch.ops.gemma4x.moe_experts_prefill(x, idx, weights, gate_up_proj, down_proj)
     return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)

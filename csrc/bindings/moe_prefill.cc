@@ -1,0 +1,62 @@
+#include <cuda_runtime_api.h>
+
+#include "registry.h"
+
+#ifdef GEMMA4X_HAS_SM90
+#include "ops/moe/moe_prefill.h"
+#endif
+
+namespace py = pybind11;
+
+namespace gemma4x::bindings {
+
+void register_moe_prefill(py::module_& m) {
+#ifdef GEMMA4X_HAS_SM90
+  using namespace gemma4x::moe;
+  m.attr("has_sm90") = true;
+
+  // out [T,H] bf16 = sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t): permute, grouped GEMM1, GeGLU, grouped GEMM2, combine (SM90).
+  m.def(
+      "moe_experts_prefill",
+      [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
+         uintptr_t gate_up, uintptr_t down, uintptr_t workspace, size_t workspace_bytes, int32_t tokens, int32_t top_k,
+         int32_t experts, int32_t hidden, int32_t inter, int32_t tile, uintptr_t stream) {
+        MoePrefillParams p{};
+        p.x = as_ptr(x);
+        p.x_row_stride = x_stride;
+        p.idx = static_cast<const int64_t*>(as_ptr(idx));
+        p.weights = static_cast<const float*>(as_ptr(weights));
+        p.gate_up = as_ptr(gate_up);
+        p.down = as_ptr(down);
+        p.out = as_mut_ptr(out);
+        p.out_row_stride = out_stride;
+        p.workspace = as_mut_ptr(workspace);
+        p.workspace_bytes = workspace_bytes;
+        p.tokens = tokens;
+        p.top_k = top_k;
+        p.experts = experts;
+        p.hidden = hidden;
+        p.inter = inter;
+        p.tile = tile;
+        moe_experts_prefill(p, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
+      py::arg("gate_up"), py::arg("down"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tokens"),
+      py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"), py::arg("tile"), py::arg("stream"));
+
+  // Workspace bytes moe_experts_prefill needs for (T, k, E, H, I).
+  m.def("moe_prefill_workspace_size", &moe_prefill_workspace_size, py::arg("tokens"), py::arg("top_k"),
+        py::arg("experts"), py::arg("hidden"), py::arg("inter"));
+
+  // (max experts E, max top_k) of the prefill path.
+  m.def("moe_prefill_limits", [] {
+    const PrefillLimits l = moe_prefill_limits();
+    return py::make_tuple(l.max_experts, l.max_top_k);
+  });
+#else
+  // Built without an sm_90a target: moe_experts falls back to the grouped_mm reference path.
+  m.attr("has_sm90") = false;
+#endif
+}
+
+}  // namespace gemma4x::bindings
