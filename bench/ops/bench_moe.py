@@ -144,23 +144,25 @@ def prefill_details(W, T, sets, us_by_impl, report):
         "grouped_mm": lambda s, r: ref.moe_experts(s[1], r[1], r[0], W["gate_up"], W["down"]),
     }
     if moe_ops.prefill_device_ok(sets[0][1].device):
-        for tile, label in ((1, "coop128x256"), (2, "pingpong64x256")):
+        for tile, label in ((0, "auto"), (1, "coop128x256"), (2, "pingpong64x256")):
             calls[label] = lambda s, r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
                 s[1], r[1], r[0], W["gate_up"], W["down"], tile)
     for label, call in calls.items():
         experts[label] = time_graph([lambda s=s, r=r, call=call: call(s, r) for s, r in zip(sets, routes)],
                                     replays=10).median_us
     row["experts_us"] = experts
+    row["router_us"] = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
+                                   for s in sets], replays=10).median_us
     if "coop128x256" in calls:  # where the prefill time goes (eager, profiler)
         try:
             per_kernel = {}
-            for tile in (1, 2):
+            for tile in (0, 1, 2):
                 s, r = sets[0], routes[0]
-                for name, t in device_kernels(lambda: torch.ops.gemma4x.moe_experts_prefill(
+                for name, t in device_kernels(lambda s=s, r=r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
                         s[1], r[1], r[0], W["gate_up"], W["down"], tile)):
                     short = name.split("<")[0].split("(")[0].split("::")[-1]
-                    if short == "device_kernel":
-                        short = "gemm"
+                    if "device_kernel" in short:  # CUTLASS: name the schedule
+                        short = "gemm_pingpong" if "Pingpong" in name else "gemm_coop"
                     per_kernel.setdefault(f"t{tile}:{short}", []).append(t)
             row["kernels_us"] = {k: [round(x, 1) for x in v] for k, v in per_kernel.items()}
         except Exception as exc:
@@ -183,11 +185,12 @@ def print_prefill_table(rows, report):
             cells.append(f"{us:9.1f}us {f / (us * 1e-6) / 1e12:5.0f}TF L{launches:<2d}")
         cells.append(f"{r['dense_us']:9.1f}us {f / (r['dense_us'] * 1e-6) / 1e12:5.0f}TF    ")
         print(f"{r['tokens']:>6} | " + " | ".join(f"{c:>22}" for c in cells))
-    print("experts only (router excluded):")
+    print("experts only (router excluded; gemma4x router alone in the last column):")
     for r in rows:
         f = expert_flops(r["tokens"])
         print(f"{r['tokens']:>6} | " + " | ".join(
-            f"{k} {v:8.1f}us {f / (v * 1e-6) / 1e12:4.0f}TF" for k, v in r["experts_us"].items()))
+            f"{k} {v:8.1f}us {f / (v * 1e-6) / 1e12:4.0f}TF" for k, v in r["experts_us"].items())
+            + f" | router {r['router_us']:.1f}us")
         if "kernels_us" in r:
             print("       kernels: " + ", ".join(f"{k} {v}" for k, v in r["kernels_us"].items()))
 

@@ -1,5 +1,8 @@
 #include <cuda_runtime_api.h>
 
+#include <cmath>
+
+#include "ops/moe/moe_router_prefill.h"
 #include "registry.h"
 
 #ifdef GEMMA4X_HAS_SM90
@@ -11,6 +14,50 @@ namespace py = pybind11;
 namespace gemma4x::bindings {
 
 void register_moe_prefill(py::module_& m) {
+  using gemma4x::dtype_from_code;
+
+  // r [T,H] = T(T(T(h * rsqrt(mean(h^2) + eps)) * scale) * H^-0.5): the many-token router's rows (every arch).
+  m.def(
+      "moe_router_rows",
+      [](uintptr_t r, uintptr_t h, int64_t h_stride, uintptr_t scale, int64_t tokens, int32_t hidden, float eps,
+         int32_t dtype, uintptr_t stream) {
+        gemma4x::moe::RouterRowsParams p{};
+        p.h = as_ptr(h);
+        p.h_row_stride = h_stride;
+        p.scale = as_ptr(scale);
+        p.r = as_mut_ptr(r);
+        p.tokens = tokens;
+        p.hidden = hidden;
+        p.eps = eps;
+        // Python's `H ** -0.5` (a double), which torch then multiplies in fp32.
+        p.input_scale = static_cast<float>(std::pow(static_cast<double>(hidden), -0.5));
+        gemma4x::moe::moe_router_rows(p, dtype_from_code(dtype, "moe_router_rows dtype"),
+                                      reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("r"), py::arg("h"), py::arg("h_stride"), py::arg("scale"), py::arg("tokens"), py::arg("hidden"),
+      py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+
+  // (weights [T,k] fp32, idx [T,k] int64) = top-k of softmax_fp32(logits [T,E]), renormalised, * per_expert_scale (every arch).
+  m.def(
+      "moe_router_topk",
+      [](uintptr_t weights, uintptr_t idx, uintptr_t logits, uintptr_t per_expert_scale, bool per_expert_scale_fp32,
+         int64_t tokens, int32_t experts, int32_t top_k, int32_t dtype, uintptr_t stream) {
+        gemma4x::moe::RouterTopkParams p{};
+        p.logits = as_ptr(logits);
+        p.per_expert_scale = as_ptr(per_expert_scale);
+        p.weights = static_cast<float*>(as_mut_ptr(weights));
+        p.idx = static_cast<int64_t*>(as_mut_ptr(idx));
+        p.tokens = tokens;
+        p.experts = experts;
+        p.top_k = top_k;
+        p.per_expert_scale_fp32 = per_expert_scale_fp32;
+        gemma4x::moe::moe_router_topk(p, dtype_from_code(dtype, "moe_router_topk dtype"),
+                                      reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("weights"), py::arg("idx"), py::arg("logits"), py::arg("per_expert_scale"),
+      py::arg("per_expert_scale_fp32"), py::arg("tokens"), py::arg("experts"), py::arg("top_k"), py::arg("dtype"),
+      py::arg("stream"));
+
 #ifdef GEMMA4X_HAS_SM90
   using namespace gemma4x::moe;
   m.attr("has_sm90") = true;

@@ -37,7 +37,7 @@ def real_weights():
 def test_dispatch_takes_the_prefill_path_on_sm90(real_weights, gen):
     gate_up, down = real_weights
     x = _rand((9, REAL["H"]), torch.bfloat16, gen)  # T*k = 72: the first size past the decode path
-    w, idx = _routing(9, REAL["E"], REAL["k"], gen)
+    _, idx = _routing(9, REAL["E"], REAL["k"], gen)
     assert not moe_ops.decode_supported(x, idx, gate_up, down)
     assert moe_ops.prefill_supported(x, idx, gate_up, down)
     assert moe_ops.prefill_device_ok(x.device) == (_sm90() and extension().moe_prefill.has_sm90)
@@ -149,7 +149,7 @@ def test_opcheck(gen):
 def test_prefill_block_in_a_cuda_graph(real_weights, gen):
     """Router + prefill experts captured once, replayed on new inputs: no host sync, no stale shapes."""
     gate_up, down = real_weights
-    T = 512
+    T = 1024  # past ROUTER_FUSED_MAX_TOKENS: the many-token router too
     proj = _rand((REAL["E"], REAL["H"]), torch.bfloat16, gen)
     scale = _rand((REAL["H"],), torch.bfloat16, gen, 0.3) + 1
     pes = (torch.rand(REAL["E"], generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
@@ -174,3 +174,35 @@ def test_prefill_block_in_a_cuda_graph(real_weights, gen):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, block())
+
+
+# ------------------------------------------------------------------------ many-token router
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,E,H,k", [(513, 128, 2816, 8), (4096, 128, 2816, 8), (600, 256, 512, 32), (700, 40, 96, 3)])
+def test_router_many_tokens(dtype, T, E, H, k, gen):
+    from test_moe_cuda import _router_inputs, assert_router_matches
+
+    h, proj, scale, pes = _router_inputs(T, E, H, dtype, gen)
+    w, idx = ops.moe_router(h, proj, scale, pes, k, 1e-6)  # T > ROUTER_FUSED_MAX_TOKENS: moe_router_many
+    assert T > moe_ops.ROUTER_FUSED_MAX_TOKENS
+    assert_router_matches(w, idx, h, proj, scale, pes, k)
+    # Same picks and weights as the fused one-launch router, up to fp32 reduction order.
+    _, idx_f = torch.ops.gemma4x.moe_router(h, proj, scale, pes, k, 1e-6)
+    assert (idx == idx_f).all(-1).double().mean().item() >= 0.98
+
+
+def test_router_many_tokens_fp32_scale_strided_and_ties(gen):
+    from test_moe_cuda import _router_inputs, assert_router_matches
+
+    _, proj, scale, pes = _router_inputs(600, 128, 2816, torch.bfloat16, gen, pes_dtype=torch.float32)
+    proj[77] = proj[5]
+    big = _rand((600, 2816 + 64), torch.bfloat16, gen, 2.0)
+    hs = big[:, 8 : 8 + 2816]
+    w, idx = torch.ops.gemma4x.moe_router_many(hs, proj, scale, pes, 8, 1e-6)
+    assert_router_matches(w, idx, hs, proj, scale, pes, 8)
+    for row in idx.tolist():
+        picked = [e for e in row if e in (5, 77)]
+        assert picked == [5, 77][: len(picked)], row
+    torch.library.opcheck(torch.ops.gemma4x.moe_router_many.default, (hs, proj, scale, pes, 8, 1e-6))

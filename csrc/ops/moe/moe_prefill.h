@@ -1,5 +1,6 @@
 // Host launcher of the MoE prefill path (SM90 only: CUTLASS ptr-array grouped GEMMs on TMA + WGMMA).
-// Six launches on the caller's stream, no host sync: prep, gather, GEMM1, GeGLU, GEMM2, finalize.
+// Seven launches on the caller's stream, no host sync: count, scan, gather, GEMM1, GeGLU, GEMM2,
+// finalize.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,7 +19,7 @@ size_t moe_prefill_workspace_size(int32_t tokens, int32_t top_k, int32_t experts
 // out[t] = bf16(sum_j w[t,j] * bf16(bf16(gelu(bf16(x G^T)) * bf16(x U^T)) D^T)), e = idx[t,j]; bf16 only.
 void moe_experts_prefill(const MoePrefillParams& params, cudaStream_t stream);
 
-// Largest experts / top_k the prep and finalize kernels take.
+// Largest experts / top_k the scan and finalize kernels take.
 struct PrefillLimits {
   int max_experts;
   int max_top_k;

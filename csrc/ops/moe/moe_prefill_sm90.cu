@@ -4,7 +4,7 @@
 // Both GEMMs are "TN" bf16 GEMMs with bf16 output and one group per expert:
 //   GEMM1  h1[rows of e] = xs[rows of e] @ gate_up[e]^T      (n_e x 2I x H)
 //   GEMM2  y [rows of e] = act[rows of e] @ down[e]^T        (n_e x H x I)
-// so one CUTLASS kernel type serves both. The group sizes n_e live only on the device: the prep
+// so one CUTLASS kernel type serves both. The group sizes n_e live only on the device: the scan
 // kernel writes CUTLASS's per-group problem shapes, pointers and strides, and the kernels run with
 // no host copy of the shapes (persistent grid of one CTA per SM, the group tile scheduler walks the
 // device array; experts with no rows contribute no tiles).
@@ -79,7 +79,7 @@ struct GroupedGemm {
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
-  // The prep kernel writes these arrays as plain ints: (M, N, K) as 3 x int32 and each stride as
+  // The scan kernel writes these arrays as plain ints: (M, N, K) as 3 x int32 and each stride as
   // its one dynamic int64 (the row stride; the column stride is the static 1, the batch stride 0).
   static_assert(sizeof(UnderlyingShape) == 3 * sizeof(int), "problem shape must be 3 packed ints");
   static_assert(sizeof(StrideA) == sizeof(int64_t) && sizeof(StrideB) == sizeof(int64_t) &&
@@ -185,6 +185,7 @@ PrefillLayout carve(void* workspace, int64_t pairs, int experts, int64_t hidden,
   PrefillLayout w{};
   w.offsets = c.take<int32_t>(experts + 1);
   w.pos = c.take<int32_t>(pairs);
+  w.block_counts = c.take<int32_t>((pairs + kCountChunk - 1) / kCountChunk * experts);
   w.shapes1 = c.take<int32_t>(3 * experts);
   w.shapes2 = c.take<int32_t>(3 * experts);
   w.a1 = c.take<const void*>(experts);
@@ -291,31 +292,41 @@ void moe_experts_prefill(const MoePrefillParams& p, cudaStream_t stream) {
 
   const int sms = device_sms();
   const PrefillLayout& w = kp.ws;
-  launch(moe_prefill_prep_kernel, 1, kPrepThreads, stream, kp, "moe_prefill_prep_kernel");
+  const unsigned count_blocks = static_cast<unsigned>((pairs + kCountChunk - 1) / kCountChunk);
+  launch(moe_prefill_count_kernel, count_blocks, kCountThreads, stream, kp, "moe_prefill_count_kernel");
+  launch(moe_prefill_scan_kernel, 1, kPrefillMaxExperts, stream, kp, "moe_prefill_scan_kernel");
   launch(moe_prefill_gather_kernel, static_cast<unsigned>((pairs * 32 + kGatherThreads - 1) / kGatherThreads),
          kGatherThreads, stream, kp, "moe_prefill_gather_kernel");
 
-  // Rows per expert decide the tile (measured, bench/RESULTS.md): below 128 on average most
-  // experts fill one M tile, and the 64-row ping-pong tile halves the wasted rows.
-  PrefillTile tile = static_cast<PrefillTile>(p.tile);
-  if (tile == PrefillTile::kAuto) {
-    tile = pairs < static_cast<int64_t>(128) * p.experts ? PrefillTile::kPingpong64x256 : PrefillTile::kCoop128x256;
-  }
-  auto gemm = [&](auto runner) {
-    using R = decltype(runner);
-    R::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1, stream,
-           "GEMM1 (x @ gate_up^T)");
-    const int64_t vecs = pairs * (p.inter / 8);
-    const unsigned geglu_grid = static_cast<unsigned>(
-        std::min<int64_t>((vecs + kGegluThreads - 1) / kGegluThreads, static_cast<int64_t>(sms) * 16));
-    launch(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
-    R::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms, w.cutlass_ws2, stream,
-           "GEMM2 (act @ down^T)");
-  };
-  if (tile == PrefillTile::kCoop128x256) {
-    gemm(grouped::CoopGemm{});
+  // Tiles per GEMM (H200, bench/RESULTS.md). GEMM1 (K = H = 2816): the cooperative 128x256 tile
+  // once experts average >= 128 rows (T = 4096: 509 us vs 600 us ping-pong), ping-pong 64x256
+  // below (fewer padded rows). GEMM2 (K = I = 704, 11 k-tiles per tile): ping-pong at every size,
+  // its epilogue overlapping the other warpgroup's MMAs (T = 4096: 289 us vs 300 us).
+  const bool many_rows = pairs >= static_cast<int64_t>(128) * p.experts;
+  const PrefillTile chosen = static_cast<PrefillTile>(p.tile);
+  const PrefillTile tile1 = chosen != PrefillTile::kAuto ? chosen
+                            : many_rows                  ? PrefillTile::kCoop128x256
+                                                         : PrefillTile::kPingpong64x256;
+  const PrefillTile tile2 = chosen != PrefillTile::kAuto ? chosen : PrefillTile::kPingpong64x256;
+  const char* gemm1 = "GEMM1 (x @ gate_up^T)";
+  const char* gemm2 = "GEMM2 (act @ down^T)";
+  if (tile1 == PrefillTile::kCoop128x256) {
+    grouped::CoopGemm::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms,
+                           w.cutlass_ws1, stream, gemm1);
   } else {
-    gemm(grouped::PingpongGemm{});
+    grouped::PingpongGemm::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms,
+                               w.cutlass_ws1, stream, gemm1);
+  }
+  const int64_t vecs = pairs * (p.inter / 8);
+  const unsigned geglu_grid = static_cast<unsigned>(
+      std::min<int64_t>((vecs + kGegluThreads - 1) / kGegluThreads, static_cast<int64_t>(sms) * 16));
+  launch(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
+  if (tile2 == PrefillTile::kCoop128x256) {
+    grouped::CoopGemm::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms,
+                           w.cutlass_ws2, stream, gemm2);
+  } else {
+    grouped::PingpongGemm::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms,
+                               w.cutlass_ws2, stream, gemm2);
   }
   launch(moe_prefill_finalize_kernel, static_cast<unsigned>(p.tokens), kFinalizeThreads, stream, kp,
          "moe_prefill_finalize_kernel");

@@ -13,7 +13,7 @@ Experts::
 with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode batches
 (``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger bf16
 batches on SM90 run the prefill path (device-side permute, two CUTLASS grouped GEMMs, GeGLU and a
-weighted combine, six launches, :func:`prefill_supported`); anything else (other archs, other
+weighted combine, seven launches, :func:`prefill_supported`); anything else (other archs, other
 dtypes) the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures live
 in :mod:`gemma4x.reference.moe`.
 """
@@ -25,16 +25,16 @@ import torch
 from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_weight
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
 from gemma4x.ops._launch import as_rows, on_device
-from gemma4x.ops._load import extension
+from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference import moe as _ref
 
 # Limits of the kernels (csrc/ops/moe/moe.cu holds the same numbers; a GPU test compares them).
 ROUTER_MAX_EXPERTS = 256
 ROUTER_MAX_TOP_K = 32
 ROUTER_MAX_HIDDEN = 6144
-# Beyond this many tokens the router is a real GEMM: cuBLAS (the reference path) beats one block
-# per token re-reading the 720 KB router matrix from L2 (H200, 26B-A4B shape: equal at 512 tokens,
-# 0.29 ms slower at 4096).
+# Beyond this many tokens the router is a real GEMM: cuBLAS (moe_router_many: rows kernel, cuBLAS,
+# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2 (H200,
+# 26B-A4B shape: the fused kernel equals the reference ops at 512 tokens, 0.29 ms slower at 4096).
 ROUTER_FUSED_MAX_TOKENS = 512
 DECODE_MAX_PAIRS = 64
 DECODE_MAX_EXPERTS = 256
@@ -233,7 +233,7 @@ def prefill_device_ok(device: torch.device) -> bool:
         if torch.cuda.get_device_capability(index) == (9, 0):
             try:
                 ok = bool(extension().moe_prefill.has_sm90)
-            except Exception:  # no extension: the reference path still works
+            except (ExtensionUnavailableError, AttributeError):  # no (SM90) extension: the reference path
                 ok = False
         _prefill_device_cache[index] = ok
     return ok
@@ -293,6 +293,44 @@ def _(x, idx, weights, gate_up_proj, down_proj, tile=0):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("gemma4x::moe_router_many", mutates_args=())
+def _moe_router_many_op(
+    h: torch.Tensor,
+    proj_weight: torch.Tensor,
+    scale: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    check_cuda("moe_router", "h", h)
+    out_shape = (*h.shape[:-1], top_k)
+    weights = torch.empty(out_shape, dtype=torch.float32, device=h.device)
+    idx = torch.empty(out_shape, dtype=torch.int64, device=h.device)
+    rows, stride = _aligned_rows(h, "h", "moe_router", 16 // h.element_size())
+    T, H = rows.shape
+    if T == 0:
+        return weights, idx
+    mod = extension().moe_prefill
+    r = torch.empty(T, H, dtype=h.dtype, device=h.device)
+    with on_device(h) as stream:
+        mod.moe_router_rows(r.data_ptr(), rows.data_ptr(), stride, scale.data_ptr(), T, H, float(eps),
+                            DTYPE_CODES[h.dtype], stream)
+        logits = torch.nn.functional.linear(r, proj_weight)  # cuBLAS on the same stream, rounded to h.dtype
+        mod.moe_router_topk(
+            weights.data_ptr(), idx.data_ptr(), logits.data_ptr(), per_expert_scale.data_ptr(),
+            per_expert_scale.dtype == torch.float32, T, proj_weight.shape[0], top_k, DTYPE_CODES[h.dtype], stream,
+        )  # fmt: skip
+    return weights, idx
+
+
+@_moe_router_many_op.register_fake
+def _(h, proj_weight, scale, per_expert_scale, top_k, eps):
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    out_shape = (*h.shape[:-1], top_k)
+    return h.new_empty(out_shape, dtype=torch.float32), h.new_empty(out_shape, dtype=torch.int64)
+
+
 def moe_router(
     h: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -303,8 +341,9 @@ def moe_router(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``w, idx = topk(softmax_fp32(bf16(bf16(rms(h) * scale) * H^-0.5) @ W^T), k)``; ``w / sum(w) * s[idx]``.
 
-    One fused launch up to ``ROUTER_FUSED_MAX_TOKENS`` tokens (ties between equal probabilities
-    go to the lower expert id), the reference ops beyond (cuBLAS; ``torch.topk``'s tie order).
+    One fused launch up to ``ROUTER_FUSED_MAX_TOKENS`` tokens; beyond, a normalised-rows kernel,
+    the router GEMM through cuBLAS and a softmax/top-k kernel (three launches). Ties between equal
+    probabilities go to the lower expert id on both paths.
 
     Args:
         h: ``[..., H]`` float32/float16/bfloat16 CUDA tensor, the residual stream entering the
@@ -320,7 +359,7 @@ def moe_router(
     _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
     check_cuda("moe_router", "h", h)
     if h.numel() // h.shape[-1] > ROUTER_FUSED_MAX_TOKENS:
-        return _ref.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+        return torch.ops.gemma4x.moe_router_many(h, proj_weight, scale, per_expert_scale, top_k, eps)
     return torch.ops.gemma4x.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
 
 

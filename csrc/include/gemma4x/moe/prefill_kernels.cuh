@@ -1,8 +1,9 @@
 // The four small kernels around the prefill path's two grouped GEMMs (bf16):
 //
-//   prep      one block: rows per expert, each pair's rank inside its expert, the exclusive
-//             prefix sum (offsets) and every per-expert argument of the grouped GEMMs (problem
-//             shapes, operand pointers, strides), so nothing goes back to the host (graph-safe).
+//   count     per block of pairs: each pair's rank inside its expert, per-expert block counts.
+//   scan      one block: offsets (exclusive prefix sum) and every per-expert argument of the
+//             grouped GEMMs (problem shapes, operand pointers, strides), so nothing goes back to
+//             the host (graph-safe).
 //   gather    xs[offsets[e] + rank] = x[t] for pair (t, j) with e = idx[t, j]; pos = that row.
 //   geglu     act = bf16(bf16(gelu_tanh(gate)) * up) over h1 = [gate | up] (GEMM1 output, bf16).
 //   finalize  out[t] = bf16( sum_j fp32(w[t,j] * y[pos[t*k+j]]) ), the fp32 sum over the k slots.
@@ -22,9 +23,10 @@ namespace gemma4x::moe {
 
 constexpr int kPrefillMaxExperts = 256;
 constexpr int kPrefillMaxTopK = 32;
-constexpr int kPrepThreads = 1024;
-// ids each thread loads before it ranks them: 8 independent loads in flight per thread.
-constexpr int kPrepBatch = 8;
+// Count pass: 2048 pairs per block, 8 per thread, all loaded before any is ranked. 16384 tokens
+// x top-8 make 64 blocks, so the one-block scan reads 64 counts per expert.
+constexpr int kCountThreads = 256;
+constexpr int kCountChunk = 2048;
 constexpr int kGatherThreads = 256;  // one warp per pair
 constexpr int kGegluThreads = 256;
 constexpr int kFinalizeThreads = 128;  // H = 2816: 352 vectors of 8, three per thread
@@ -39,80 +41,80 @@ __device__ __forceinline__ float prefill_gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(inner));
 }
 
-__global__ void __launch_bounds__(kPrepThreads, 1) moe_prefill_prep_kernel(const __grid_constant__ PrefillKernelParams p) {
+// Pass 1, many blocks of kCountChunk pairs: each pair's rank among the block's pairs of the same
+// expert (a shared-memory atomic; the order inside an expert is arbitrary and changes no result:
+// GEMM rows are independent and the combine sums the k slots in slot order), and the block's
+// per-expert counts in block_counts[block][e].
+__global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel(const __grid_constant__ PrefillKernelParams p) {
   __shared__ int count[kPrefillMaxExperts];
-  __shared__ int offset[kPrefillMaxExperts + 1];
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const unsigned lanes_below = (1u << lane) - 1u;
   for (int e = tid; e < p.experts; e += blockDim.x) count[e] = 0;
   __syncthreads();
-
-  // Rank of each pair inside its expert. Lanes of a warp with the same expert are counted by one
-  // shared atomic (match_any), so skewed routing (every pair to one expert) does not serialise
-  // 32 ways. The order inside an expert is arbitrary; it changes no result (rows are independent
-  // and the combine sums the k slots in slot order).
-  const int step = blockDim.x * kPrepBatch;
-  for (int base = 0; base < p.pairs; base += step) {
-    int key[kPrepBatch];
+  const int first = blockIdx.x * kCountChunk;
+  int key[kCountChunk / kCountThreads];
 #pragma unroll
-    for (int u = 0; u < kPrepBatch; ++u) {
-      const int q = base + u * blockDim.x + tid;
-      key[u] = -1;
-      if (q < p.pairs) {
-        const int64_t e = p.idx[q];
-        key[u] = (e >= 0 && e < p.experts) ? static_cast<int>(e) : -1;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPrepBatch; ++u) {
-      const int q = base + u * blockDim.x + tid;
-      const unsigned same = __match_any_sync(0xffffffffu, key[u]);
-      const int leader = __ffs(same) - 1;
-      int first = 0;
-      if (lane == leader && key[u] >= 0) first = atomicAdd(&count[key[u]], __popc(same));
-      first = __shfl_sync(0xffffffffu, first, leader);
-      if (q < p.pairs) p.ws.pos[q] = key[u] >= 0 ? first + __popc(same & lanes_below) : -1;
+  for (int u = 0; u < kCountChunk / kCountThreads; ++u) {  // all loads in flight first
+    const int q = first + u * kCountThreads + tid;
+    key[u] = -1;
+    if (q < p.pairs) {
+      const int64_t e = p.idx[q];
+      key[u] = (e >= 0 && e < p.experts) ? static_cast<int>(e) : -1;
     }
   }
-  __syncthreads();
-
-  // Exclusive prefix sum of the counts: warp 0, each lane a contiguous run of experts.
-  if (tid < 32) {
-    const int per = (p.experts + 31) / 32;
-    int own = 0;
-    for (int i = 0; i < per; ++i) {
-      const int e = lane * per + i;
-      if (e < p.experts) own += count[e];
-    }
-    int incl = own;
 #pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int n = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += n;
-    }
-    int run = incl - own;
-    for (int i = 0; i < per; ++i) {
-      const int e = lane * per + i;
-      if (e < p.experts) {
-        offset[e] = run;
-        run += count[e];
-      }
-    }
-    if (lane == 31) offset[p.experts] = incl;
+  for (int u = 0; u < kCountChunk / kCountThreads; ++u) {
+    const int q = first + u * kCountThreads + tid;
+    if (q < p.pairs) p.ws.pos[q] = key[u] >= 0 ? atomicAdd(&count[key[u]], 1) : -1;
   }
   __syncthreads();
+  for (int e = tid; e < p.experts; e += blockDim.x) p.ws.block_counts[blockIdx.x * p.experts + e] = count[e];
+}
+
+// Pass 2, one block: block_counts[b][e] becomes the rows of expert e in blocks before b; the
+// exclusive prefix sum over experts gives offsets; then every per-expert argument of the grouped
+// GEMMs (problem shapes, operand pointers, strides), so nothing goes back to the host.
+__global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_kernel(const __grid_constant__ PrefillKernelParams p) {
+  __shared__ int warp_sum[kPrefillMaxExperts / 32];
+  const int e = threadIdx.x;
+  const int lane = e & 31, warp = e >> 5;
+  const int blocks = (p.pairs + kCountChunk - 1) / kCountChunk;
+  int total = 0;
+  if (e < p.experts) {
+    int* col = p.ws.block_counts + e;
+    for (int b0 = 0; b0 < blocks; b0 += 8) {
+      int c[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) c[u] = b0 + u < blocks ? col[(b0 + u) * p.experts] : 0;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (b0 + u < blocks) col[(b0 + u) * p.experts] = total;
+        total += c[u];
+      }
+    }
+  }
+  // Block-wide exclusive scan of the totals (E <= 256 = blockDim.x).
+  int incl = total;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += n;
+  }
+  if (lane == 31) warp_sum[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_sum[w];
+  const int offset = before + incl - total;
 
   const int64_t H = p.hidden, I = p.inter;
   const PrefillLayout& w = p.ws;
-  for (int e = tid; e <= p.experts; e += blockDim.x) w.offsets[e] = offset[e];
-  for (int e = tid; e < p.experts; e += blockDim.x) {
-    const int n = count[e];
-    const int64_t row = offset[e];
-    w.shapes1[3 * e + 0] = n;
+  if (e < p.experts) {
+    w.offsets[e] = offset;
+    if (e == p.experts - 1) w.offsets[p.experts] = offset + total;
+    const int64_t row = offset;
+    w.shapes1[3 * e + 0] = total;
     w.shapes1[3 * e + 1] = static_cast<int>(2 * I);
     w.shapes1[3 * e + 2] = static_cast<int>(H);
-    w.shapes2[3 * e + 0] = n;
+    w.shapes2[3 * e + 0] = total;
     w.shapes2[3 * e + 1] = static_cast<int>(H);
     w.shapes2[3 * e + 2] = static_cast<int>(I);
     w.a1[e] = static_cast<const bf16*>(w.xs) + row * H;
@@ -130,22 +132,31 @@ __global__ void __launch_bounds__(kPrepThreads, 1) moe_prefill_prep_kernel(const
   }
 }
 
-// One warp per pair: final row = offsets[e] + rank, and the x row copied there (16-byte vectors).
+// One warp per pair: final row = offsets[e] + rows of e in earlier count blocks + rank, and the
+// x row copied there (16-byte vectors, four loads in flight per lane before their stores).
 __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(const __grid_constant__ PrefillKernelParams p) {
   const int q = static_cast<int>((blockIdx.x * static_cast<unsigned>(blockDim.x) + threadIdx.x) >> 5);
   const int lane = threadIdx.x & 31;
   if (q >= p.pairs) return;
   const int rank = p.ws.pos[q];
   if (rank < 0) return;  // id out of range: pos stays -1, the combine skips it
-  const int row = p.ws.offsets[p.idx[q]] + rank;
+  const int e = static_cast<int>(p.idx[q]);
+  const int row = p.ws.offsets[e] + p.ws.block_counts[(q / kCountChunk) * p.experts + e] + rank;
   __syncwarp();
   if (lane == 0) p.ws.pos[q] = row;
   using V = uint4;
   const V* __restrict__ src = reinterpret_cast<const V*>(static_cast<const bf16*>(p.x) + (q / p.top_k) * p.x_row_stride);
   V* __restrict__ dst = reinterpret_cast<V*>(static_cast<bf16*>(p.ws.xs) + static_cast<int64_t>(row) * p.hidden);
   const int nv = p.hidden / 8;
-#pragma unroll 4
-  for (int v = lane; v < nv; v += 32) dst[v] = __ldg(src + v);
+  for (int v0 = lane; v0 < nv; v0 += 32 * 4) {
+    V t[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (v0 + 32 * u < nv) t[u] = __ldg(src + v0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (v0 + 32 * u < nv) dst[v0 + 32 * u] = t[u];
+  }
 }
 
 // act[r, :] = bf16(bf16(gelu_tanh(gate)) * up) for the valid rows r < offsets[E]; 8 columns a thread.

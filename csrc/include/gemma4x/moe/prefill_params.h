@@ -38,6 +38,7 @@ enum class PrefillTile : int32_t {
 struct PrefillLayout {
   int32_t* offsets;      // [E+1] first permuted row of each expert; offsets[E] = valid pairs
   int32_t* pos;          // [P] permuted row of each pair (-1: id out of range)
+  int32_t* block_counts; // [ceil(P / kCountChunk)][E] rows per expert in each count block
   int32_t* shapes1;      // [E][3] GEMM1 (M, N, K) per expert = (n_e, 2I, H)
   int32_t* shapes2;      // [E][3] GEMM2 (n_e, H, I)
   const void** a1;       // [E] GEMM1 operand pointers per expert
@@ -76,6 +77,35 @@ struct PrefillKernelParams {
   int32_t experts;
   int32_t hidden;
   int32_t inter;
+};
+
+// Many-token router (prefill_router_kernels.cuh): rows kernel, the caller's GEMM, top-k kernel.
+constexpr int kRouterRowsWarps = 8;           // tokens per block of the rows kernel
+constexpr int kRouterTopkWarps = 8;           // tokens per block of the topk kernel
+constexpr int kRouterTopkPerLane = 8;         // E <= 256 probabilities, 8 per lane
+constexpr int kRouterPrefillMaxExperts = 32 * kRouterTopkPerLane;
+constexpr int kRouterPrefillMaxTopK = 32;     // lane s keeps the s-th pick
+
+struct RouterRowsParams {
+  const void* h;          // [T, H], row stride h_row_stride
+  int64_t h_row_stride;
+  const void* scale;      // [H]
+  void* r;                // [T, H] out, contiguous
+  int64_t tokens;
+  int32_t hidden;
+  float eps;
+  float input_scale;      // H^-0.5 as Python evaluates it, rounded to fp32
+};
+
+struct RouterTopkParams {
+  const void* logits;           // [T, E] contiguous, dtype T
+  const void* per_expert_scale; // [E], dtype T or fp32
+  float* weights;               // [T, k] out
+  int64_t* idx;                 // [T, k] out
+  int64_t tokens;
+  int32_t experts;
+  int32_t top_k;
+  bool per_expert_scale_fp32;
 };
 
 }  // namespace gemma4x::moe
