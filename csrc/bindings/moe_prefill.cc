@@ -1,17 +1,34 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <stdexcept>
 
+#include "gemma4x/common/check.h"
+#include "ops/moe/moe_prefill.h"
 #include "ops/moe/moe_router_prefill.h"
 #include "registry.h"
-
-#ifdef GEMMA4X_HAS_SM90
-#include "ops/moe/moe_prefill.h"
-#endif
 
 namespace py = pybind11;
 
 namespace gemma4x::bindings {
+namespace {
+
+// Compute capability of the current device as major * 10 + minor (90 = H100/H200, 100 = B200).
+int prefill_arch() {
+  int dev = 0, major = 0, minor = 0;
+  gemma4x::check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  gemma4x::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  gemma4x::check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  return major * 10 + minor;
+}
+
+[[noreturn]] void no_prefill_arch() {
+  throw std::runtime_error(
+      "moe_experts_prefill: this build has no grouped-GEMM prefill kernels for the current GPU (sm_90a needs "
+      "compute capability 9.0, sm_100a 10.0; see moe_prefill.has_sm90 / has_sm100); use the grouped_mm path");
+}
+
+}  // namespace
 
 void register_moe_prefill(py::module_& m) {
   using gemma4x::dtype_from_code;
@@ -58,11 +75,19 @@ void register_moe_prefill(py::module_& m) {
       py::arg("per_expert_scale_fp32"), py::arg("tokens"), py::arg("experts"), py::arg("top_k"), py::arg("dtype"),
       py::arg("stream"));
 
-#ifdef GEMMA4X_HAS_SM90
   using namespace gemma4x::moe;
+#ifdef GEMMA4X_HAS_SM90
   m.attr("has_sm90") = true;
+#else
+  m.attr("has_sm90") = false;  // built without sm_90a: moe_experts falls back to the grouped_mm path
+#endif
+#ifdef GEMMA4X_HAS_SM100
+  m.attr("has_sm100") = true;  // compiled, not run on a B200 yet: the wrapper enables it only on request
+#else
+  m.attr("has_sm100") = false;
+#endif
 
-  // out [T,H] bf16 = sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t): permute, grouped GEMM1, GeGLU, grouped GEMM2, combine (SM90).
+  // out [T,H] bf16 = sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t): permute, grouped GEMM1, GeGLU, grouped GEMM2, combine.
   m.def(
       "moe_experts_prefill",
       [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
@@ -85,25 +110,42 @@ void register_moe_prefill(py::module_& m) {
         p.hidden = hidden;
         p.inter = inter;
         p.tile = tile;
-        moe_experts_prefill(p, reinterpret_cast<cudaStream_t>(stream));
+        const auto s = reinterpret_cast<cudaStream_t>(stream);
+        switch (prefill_arch()) {
+#ifdef GEMMA4X_HAS_SM90
+          case 90: return moe_experts_prefill_sm90(p, s);
+#endif
+#ifdef GEMMA4X_HAS_SM100
+          case 100: return moe_experts_prefill_sm100(p, s);
+#endif
+          default: no_prefill_arch();
+        }
       },
       py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
       py::arg("gate_up"), py::arg("down"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tokens"),
       py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"), py::arg("tile"), py::arg("stream"));
 
-  // Workspace bytes moe_experts_prefill needs for (T, k, E, H, I).
-  m.def("moe_prefill_workspace_size", &moe_prefill_workspace_size, py::arg("tokens"), py::arg("top_k"),
-        py::arg("experts"), py::arg("hidden"), py::arg("inter"));
+  // Workspace bytes moe_experts_prefill needs for (T, k, E, H, I) on the current device.
+  m.def(
+      "moe_prefill_workspace_size",
+      [](int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter) -> size_t {
+        switch (prefill_arch()) {
+#ifdef GEMMA4X_HAS_SM90
+          case 90: return moe_prefill_workspace_size_sm90(tokens, top_k, experts, hidden, inter);
+#endif
+#ifdef GEMMA4X_HAS_SM100
+          case 100: return moe_prefill_workspace_size_sm100(tokens, top_k, experts, hidden, inter);
+#endif
+          default: no_prefill_arch();
+        }
+      },
+      py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"));
 
   // (max experts E, max top_k) of the prefill path.
   m.def("moe_prefill_limits", [] {
     const PrefillLimits l = moe_prefill_limits();
     return py::make_tuple(l.max_experts, l.max_top_k);
   });
-#else
-  // Built without an sm_90a target: moe_experts falls back to the grouped_mm reference path.
-  m.attr("has_sm90") = false;
-#endif
 }
 
 }  // namespace gemma4x::bindings

@@ -92,3 +92,29 @@ def test_prefill_fake_impl_gives_the_output_shape():
         x, idx, w, gu, down = _args()
         out = torch.ops.gemma4x.moe_experts_prefill(x, idx, w, gu, down)
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
+
+
+
+
+@pytest.mark.parametrize(
+    "cc,env,sm90,sm100,expected",
+    [
+        ((9, 0), "0", True, False, True),  # H100/H200 with an sm_90a build
+        ((9, 0), "0", False, True, False),  # built without sm_90a
+        ((10, 0), "0", True, True, False),  # B200: compiled, not run -> off unless asked for
+        ((10, 0), "1", True, True, True),
+        ((10, 0), "1", True, False, False),
+        ((8, 0), "1", True, True, False),
+        ((12, 0), "1", True, True, False),
+    ],
+)
+def test_prefill_device_ok_by_arch(monkeypatch, cc, env, sm90, sm100, expected):
+    """Archs without prefill kernels take the grouped_mm reference path."""
+    import types
+
+    fake = types.SimpleNamespace(moe_prefill=types.SimpleNamespace(has_sm90=sm90, has_sm100=sm100))
+    monkeypatch.setattr(moe_ops, "extension", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cc)
+    monkeypatch.setattr(moe_ops, "_prefill_device_cache", {})
+    monkeypatch.setenv("GEMMA4X_MOE_PREFILL_SM100", env)
+    assert moe_ops.prefill_device_ok(torch.device("cuda", 0)) == expected

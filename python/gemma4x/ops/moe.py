@@ -14,11 +14,14 @@ with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode
 (``T*k <= 64``) run two weight-streaming kernels that read each chosen expert once; larger bf16
 batches on SM90 run the prefill path (device-side permute, two CUTLASS grouped GEMMs, GeGLU and a
 weighted combine, seven launches, :func:`prefill_supported`); anything else (other archs, other
-dtypes) the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures live
-in :mod:`gemma4x.reference.moe`.
+dtypes) the reference ``F.grouped_mm`` path. An SM100 build of the prefill path exists but has
+not run on a B200: it is used only with ``GEMMA4X_MOE_PREFILL_SM100=1`` (:func:`prefill_device_ok`).
+Pure-PyTorch twins with the same signatures live in :mod:`gemma4x.reference.moe`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -221,20 +224,26 @@ _prefill_device_cache: dict[int, bool] = {}
 
 
 def prefill_device_ok(device: torch.device) -> bool:
-    """True when ``device`` is a compute capability 9.0 GPU and the extension has its sm_90a kernels.
+    """True when ``device`` can run the grouped-GEMM prefill kernels of this build.
 
-    SM100 and other archs have no grouped-GEMM build yet: :func:`moe_experts` takes the reference
-    ``F.grouped_mm`` path there.
+    - compute capability 9.0 (H100/H200) with an sm_90a build: yes (measured, bench/RESULTS.md);
+    - 10.0 (B200) with an sm_100a build: only when ``GEMMA4X_MOE_PREFILL_SM100=1``, since that
+      path is compiled but has not run on a B200 yet;
+    - anything else: no. :func:`moe_experts` then takes the reference ``F.grouped_mm`` path.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     ok = _prefill_device_cache.get(index)
     if ok is None:
         ok = False
-        if torch.cuda.get_device_capability(index) == (9, 0):
-            try:
-                ok = bool(extension().moe_prefill.has_sm90)
-            except (ExtensionUnavailableError, AttributeError):  # no (SM90) extension: the reference path
-                ok = False
+        cc = torch.cuda.get_device_capability(index)
+        try:
+            mod = extension().moe_prefill
+            if cc == (9, 0):
+                ok = bool(mod.has_sm90)
+            elif cc == (10, 0):
+                ok = bool(mod.has_sm100) and os.environ.get("GEMMA4X_MOE_PREFILL_SM100", "0") == "1"
+        except (ExtensionUnavailableError, AttributeError):  # no extension: the reference path
+            ok = False
         _prefill_device_cache[index] = ok
     return ok
 
@@ -271,8 +280,6 @@ def _moe_experts_prefill_op(
     if T == 0:
         return out
     mod = extension().moe_prefill
-    if not getattr(mod, "has_sm90", False):
-        raise RuntimeError("moe_experts_prefill: gemma4x._C was built without an sm_90a target (GEMMA4X_CUDA_ARCHS)")
     # Permuted x / GEMM outputs / per-expert GEMM arguments, from the torch allocator (graph-safe).
     nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)

@@ -21,8 +21,8 @@
 
 namespace gemma4x::moe {
 
-constexpr int kPrefillMaxExperts = 256;
-constexpr int kPrefillMaxTopK = 32;
+// Every arch file that includes this header gets its own copy of these kernels (static: internal
+// linkage), compiled for that file's arch.
 // Count pass: 2048 pairs per block, 8 per thread, all loaded before any is ranked. 16384 tokens
 // x top-8 make 64 blocks, so the one-block scan reads 64 counts per expert.
 constexpr int kCountThreads = 256;
@@ -45,7 +45,7 @@ __device__ __forceinline__ float prefill_gelu_tanh(float x) {
 // expert (a shared-memory atomic; the order inside an expert is arbitrary and changes no result:
 // GEMM rows are independent and the combine sums the k slots in slot order), and the block's
 // per-expert counts in block_counts[block][e].
-__global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel(const __grid_constant__ PrefillKernelParams p) {
+static __global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel(const __grid_constant__ PrefillKernelParams p) {
   __shared__ int count[kPrefillMaxExperts];
   const int tid = threadIdx.x;
   for (int e = tid; e < p.experts; e += blockDim.x) count[e] = 0;
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel(const 
 // Pass 2, one block: block_counts[b][e] becomes the rows of expert e in blocks before b; the
 // exclusive prefix sum over experts gives offsets; then every per-expert argument of the grouped
 // GEMMs (problem shapes, operand pointers, strides), so nothing goes back to the host.
-__global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_kernel(const __grid_constant__ PrefillKernelParams p) {
+static __global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_kernel(const __grid_constant__ PrefillKernelParams p) {
   __shared__ int warp_sum[kPrefillMaxExperts / 32];
   const int e = threadIdx.x;
   const int lane = e & 31, warp = e >> 5;
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_kernel(co
 
 // One warp per pair: final row = offsets[e] + rows of e in earlier count blocks + rank, and the
 // x row copied there (16-byte vectors, four loads in flight per lane before their stores).
-__global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(const __grid_constant__ PrefillKernelParams p) {
+static __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(const __grid_constant__ PrefillKernelParams p) {
   const int q = static_cast<int>((blockIdx.x * static_cast<unsigned>(blockDim.x) + threadIdx.x) >> 5);
   const int lane = threadIdx.x & 31;
   if (q >= p.pairs) return;
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(cons
 }
 
 // act[r, :] = bf16(bf16(gelu_tanh(gate)) * up) for the valid rows r < offsets[E]; 8 columns a thread.
-__global__ void __launch_bounds__(kGegluThreads) moe_prefill_geglu_kernel(const __grid_constant__ PrefillKernelParams p) {
+static __global__ void __launch_bounds__(kGegluThreads) moe_prefill_geglu_kernel(const __grid_constant__ PrefillKernelParams p) {
   const int rows = p.ws.offsets[p.experts];
   const int per_row = p.inter / 8;
   const int64_t total = static_cast<int64_t>(rows) * per_row;
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kGegluThreads) moe_prefill_geglu_kernel(const 
 }
 
 // out[t] = bf16(sum_j fp32(w[t,j] * y[pos[t,j]])), slots summed in order; one block per token.
-__global__ void __launch_bounds__(kFinalizeThreads) moe_prefill_finalize_kernel(const __grid_constant__ PrefillKernelParams p) {
+static __global__ void __launch_bounds__(kFinalizeThreads) moe_prefill_finalize_kernel(const __grid_constant__ PrefillKernelParams p) {
   __shared__ int row[kPrefillMaxTopK];
   __shared__ float wt[kPrefillMaxTopK];
   const int t = blockIdx.x;

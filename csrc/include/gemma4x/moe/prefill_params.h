@@ -7,6 +7,9 @@
 
 namespace gemma4x::moe {
 
+constexpr int kPrefillMaxExperts = 256;  // the scan kernel: one thread per expert
+constexpr int kPrefillMaxTopK = 32;      // the finalize kernel's per-token slot table
+
 // What the caller hands the prefill launcher. Every pointer is a device pointer.
 struct MoePrefillParams {
   const void* x;            // [T, H] bf16, row stride x_row_stride
