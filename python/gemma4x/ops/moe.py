@@ -46,8 +46,9 @@ DECODE_MAX_INTER = 1024
 _DECODE_DTYPES = (torch.bfloat16, torch.float16)
 PREFILL_MAX_EXPERTS = 256
 PREFILL_MAX_TOP_K = 32
-# Grouped-GEMM tile of the prefill path: 0 picks by rows per expert, 1 = cooperative 128x256,
-# 2 = ping-pong 64x256 (csrc/include/gemma4x/moe/prefill_params.h, PrefillTile).
+# Grouped-GEMM tile of the prefill path (PrefillTile in csrc/include/gemma4x/moe/prefill_params.h):
+# 0 picks per GEMM by rows per expert; 1 = the large tile for both GEMMs (SM90: cooperative
+# 128x256), 2 = the small one (SM90: ping-pong 64x256).
 PREFILL_TILES = (0, 1, 2)
 
 
@@ -280,12 +281,13 @@ def _moe_experts_prefill_op(
     if T == 0:
         return out
     mod = extension().moe_prefill
-    # Permuted x / GEMM outputs / per-expert GEMM arguments, from the torch allocator (graph-safe).
-    nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     rows, stride = _aligned_rows(x, "x", "moe_experts_prefill", 8)
     idx, weights = idx.contiguous(), weights.contiguous()
     with on_device(x) as stream:
+        # Permuted x, GEMM outputs and per-expert GEMM arguments (sized for x's GPU), from the
+        # torch allocator: graph-safe.
+        nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
         mod.moe_experts_prefill(
             out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
             gate_up_proj.data_ptr(), down_proj.data_ptr(), workspace.data_ptr(), nbytes,
