@@ -30,11 +30,12 @@ struct MoePrefillParams {
   int32_t tile;             // GEMM tile config: 0 = pick by rows per expert, else a PrefillTile
 };
 
-// The grouped-GEMM tile configurations built for SM90 (the benchmark measures both).
+// The two grouped-GEMM tile configurations of each arch file (the benchmark measures both).
+// Named after SM90's; on SM100 they are the 1-SM 128x256 and 128x128 tiles.
 enum class PrefillTile : int32_t {
   kAuto = 0,
-  kCoop128x256 = 1,      // cooperative, two consumer warpgroups on a 128x256 tile
-  kPingpong64x256 = 2,   // ping-pong, each consumer warpgroup owns a 64x256 tile
+  kCoop128x256 = 1,      // large: SM90 cooperative, two consumer warpgroups on a 128x256 tile
+  kPingpong64x256 = 2,   // small: SM90 ping-pong, each consumer warpgroup owns a 64x256 tile
 };
 
 // Where the pieces of the workspace live (filled by the host from MoePrefillParams).
