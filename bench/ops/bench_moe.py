@@ -8,7 +8,13 @@ experimental one-launch stream kernel), the reference (torch ``F.grouped_mm`` pa
 torch loop (HF's eager experts; it syncs with the host, so it is timed eagerly with events, not
 in a graph). Every graph-timed call replays over rotated input sets.
 
-    python bench/ops/bench_moe.py [--tokens 1 8 64 512 4096]
+Prefill table (T*k > 64): the same whole-block times as TFLOP/s (6*T*k*H*I expert FLOPs; the
+router's 2*T*E*H is left out), beside a dense bf16 matmul of the same FLOPs and shapes (one
+[T*k, H] x [H, 2I] and one [T*k, I] x [I, H] GEMM: the ceiling of a perfectly balanced grouped
+GEMM) and an 8192^3 matmul, all measured in this run; then the experts alone per tile config
+(gemma4x prefill op) against torch's grouped_mm experts, and each prefill kernel's share.
+
+    python bench/ops/bench_moe.py [--tokens 1 8 64 512 4096 16384]
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import Report, copy_bandwidth_gbs, time_graph  # noqa: E402
+from bench.harness import Report, copy_bandwidth_gbs, matmul_tflops, time_graph  # noqa: E402
 from gemma4x import ops  # noqa: E402
 from gemma4x.ops import moe as moe_ops  # noqa: E402
 from gemma4x.reference import moe as ref  # noqa: E402
@@ -123,9 +129,85 @@ def topk_tie_order():
     return bool((idx[:, 0] == 5).all() and (idx[:, 1] == 77).all())
 
 
+def expert_flops(T: int) -> float:
+    """Expert FLOPs of one block call: GEMM1 2*P*H*2I plus GEMM2 2*P*I*H, P = T*k."""
+    return 6.0 * T * K * H * I
+
+
+def dense_same_shape_us(T: int) -> float:
+    """A dense bf16 [P, H] x [H, 2I] then [P, I] x [I, H] (P = T*k): same FLOPs, no grouping."""
+    P = T * K
+    a = torch.randn(P, H, device="cuda").to(DTYPE)
+    b = torch.randn(2 * I, H, device="cuda").to(DTYPE)
+    c = torch.randn(P, I, device="cuda").to(DTYPE)
+    d = torch.randn(H, I, device="cuda").to(DTYPE)
+    return time_graph([lambda: (a @ b.t(), c @ d.t())], replays=10).median_us
+
+
+def prefill_details(W, T, sets, us_by_impl, report):
+    """Experts alone (router outside the timing): each tile config and torch's grouped_mm path."""
+    routes = [ref.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS) for h, _ in sets]
+    row = dict(tokens=T, block=us_by_impl, dense_us=dense_same_shape_us(T))
+    experts = {}
+    calls = {
+        "grouped_mm": lambda s, r: ref.moe_experts(s[1], r[1], r[0], W["gate_up"], W["down"]),
+    }
+    if moe_ops.prefill_device_ok(sets[0][1].device):
+        for tile, label in ((0, "auto"), (1, "coop128x256"), (2, "pingpong64x256")):
+            calls[label] = lambda s, r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up"], W["down"], tile)
+    for label, call in calls.items():
+        experts[label] = time_graph([lambda s=s, r=r, call=call: call(s, r) for s, r in zip(sets, routes)],
+                                    replays=10).median_us
+    row["experts_us"] = experts
+    row["router_us"] = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
+                                   for s in sets], replays=10).median_us
+    if "coop128x256" in calls:  # where the prefill time goes (eager, profiler)
+        try:
+            per_kernel = {}
+            for tile in (0, 1, 2):
+                s, r = sets[0], routes[0]
+                for name, t in device_kernels(lambda s=s, r=r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
+                        s[1], r[1], r[0], W["gate_up"], W["down"], tile)):
+                    short = name.split("<")[0].split("(")[0].split("::")[-1]
+                    if "device_kernel" in short:  # CUTLASS: name the schedule
+                        short = "gemm_pingpong" if "Pingpong" in name else "gemm_coop"
+                    per_kernel.setdefault(f"t{tile}:{short}", []).append(t)
+            row["kernels_us"] = {k: [round(x, 1) for x in v] for k, v in per_kernel.items()}
+        except Exception as exc:
+            row["kernels_us"] = {"unavailable": str(exc)}
+    report.add(impl="prefill_details", **row)
+    return row
+
+
+def print_prefill_table(rows, report):
+    dense_peak = matmul_tflops()
+    report.ceilings["matmul_8192_TFLOPs"] = dense_peak
+    print(f"\nprefill (T*k > 64): expert TFLOP/s = 6*T*k*H*I / time; 8192^3 bf16 matmul {dense_peak:.0f} TFLOP/s")
+    head = ["block gemma4x", "block grouped_mm", "block loop", "dense same FLOPs"]
+    print(f"{'tokens':>6} | " + " | ".join(f"{h:>22}" for h in head))
+    for r in rows:
+        f = expert_flops(r["tokens"])
+        cells = []
+        for name in ("gemma4x", "reference", "torch_loop"):
+            us, launches = r["block"].get(name, (float("nan"), -1))
+            cells.append(f"{us:9.1f}us {f / (us * 1e-6) / 1e12:5.0f}TF L{launches:<2d}")
+        cells.append(f"{r['dense_us']:9.1f}us {f / (r['dense_us'] * 1e-6) / 1e12:5.0f}TF    ")
+        print(f"{r['tokens']:>6} | " + " | ".join(f"{c:>22}" for c in cells))
+    print("experts only (router excluded; gemma4x router alone in the last column):")
+    for r in rows:
+        f = expert_flops(r["tokens"])
+        print(f"{r['tokens']:>6} | " + " | ".join(
+            f"{k} {v:8.1f}us {f / (v * 1e-6) / 1e12:4.0f}TF" for k, v in r["experts_us"].items())
+            + f" | router {r['router_us']:.1f}us")
+        if "kernels_us" in r:
+            print("       kernels: " + ", ".join(f"{k} {v}" for k, v in r["kernels_us"].items()))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
+    p.add_argument("--loop-max-tokens", type=int, default=512, help="largest T timed with the per-expert torch loop")
     p.add_argument("--impls", nargs="+", default=["gemma4x", "gemma4x_stream", "reference", "torch_loop"])
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -142,6 +224,7 @@ def main():
     impls = {k: v for k, v in impls.items() if k in args.impls}
 
     print(f"{'tokens':>6} {'experts':>7} {'MB':>7} | " + " | ".join(f"{k:>30}" for k in impls))
+    prefill_rows = []
     for T in args.tokens:
         g = torch.Generator(device="cuda").manual_seed(T)
         n_sets = 8 if T <= 64 else 2  # different tokens route to different experts: no L2 reuse
@@ -156,9 +239,13 @@ def main():
         nbytes = statistics.mean(used) * EXPERT_BYTES + ROUTER_BYTES
         expected = block_reference(W, *sets[0])
         cells = []
+        us_by_impl = {}
         for name, fn in impls.items():
             if name == "gemma4x_stream" and T * K > 64:
                 cells.append(f"{'(same as gemma4x)':>30}")
+                continue
+            if name == "torch_loop" and T > args.loop_max_tokens:
+                cells.append(f"{'(skipped)':>30}")
                 continue
             out = fn(W, *sets[0])
             err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
@@ -170,8 +257,10 @@ def main():
                 us = time_graph([lambda s=s, fn=fn: fn(W, *s) for s in sets], inner=inner, replays=20).median_us
                 launches = launches_per_call(lambda fn=fn: fn(W, *sets[0]))
             tbs = nbytes / (us * 1e-6) / 1e12
+            us_by_impl[name] = (us, launches)
             report.add(impl=name, tokens=T, experts_used=statistics.mean(used), weight_MB=nbytes / 1e6, us=us,
-                       TBps=tbs, pct_copy=100 * tbs * 1e3 / copy_gbs, launches=launches, rel_err_vs_ref=err)
+                       TBps=tbs, pct_copy=100 * tbs * 1e3 / copy_gbs, launches=launches, rel_err_vs_ref=err,
+                       expert_TFLOPs=expert_flops(T) / (us * 1e-6) / 1e12)
             cells.append(f"{us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}% L{launches:<3d}")
         print(f"{T:>6} {statistics.mean(used):>7.1f} {nbytes / 1e6:>7.1f} | " + " | ".join(f"{c:>30}" for c in cells),
               flush=True)
@@ -202,6 +291,10 @@ def main():
                   f"({(nbytes - ROUTER_BYTES) / (t_experts * 1e-6) / 1e12:.2f} TB/s); eager kernels: "
                   + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in per_kernel.items()),
                   flush=True)
+        if T * K > 64:
+            prefill_rows.append(prefill_details(W, T, sets, us_by_impl, report))
+    if prefill_rows:
+        print_prefill_table(prefill_rows, report)
     print("wrote", report.write())
 
 

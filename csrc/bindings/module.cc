@@ -20,6 +20,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_attention_decode(attention_decode);
   auto nvfp4 = m.def_submodule("nvfp4", "NVFP4: quantizer, dequantizer (any arch); W4A16 decode GEMM and experts (sm_90a; nvfp4.has_sm90 says)");
   gemma4x::bindings::register_nvfp4(nvfp4);
+  auto moe_prefill = m.def_submodule("moe_prefill", "MoE prefill: CUTLASS grouped GEMMs (sm_90a builds only; has_sm90 says)");
+  gemma4x::bindings::register_moe_prefill(moe_prefill);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

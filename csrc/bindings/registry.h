@@ -18,5 +18,6 @@ void register_gemm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
 void register_attention_decode(pybind11::module_& m);
 void register_nvfp4(pybind11::module_& m);
+void register_moe_prefill(pybind11::module_& m);
 
 }  // namespace gemma4x::bindings

@@ -15,27 +15,33 @@ with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode
 (gate/up + GeGLU, then down + combine); ``DECODE_KERNEL = "stream"`` selects the experimental
 one-launch kernel (a bulk-copy pipeline on every SM, gate/up, a grid barrier, down + combine),
 which streams the weights faster but computes slower, so it is not the default yet (see
-bench/RESULTS.md). Larger batches take the reference ``F.grouped_mm`` path. Pure-PyTorch twins with the same signatures
-live in :mod:`gemma4x.reference.moe`.
+bench/RESULTS.md). Larger bf16 batches on SM90 run the prefill path (device-side permute, two
+CUTLASS grouped GEMMs, GeGLU and a weighted combine, seven launches, :func:`prefill_supported`);
+anything else (other archs, other dtypes) the reference ``F.grouped_mm`` path. An SM100 build of
+the prefill path exists but has not run on a B200: it is used only with
+``GEMMA4X_MOE_PREFILL_SM100=1`` (:func:`prefill_device_ok`). Pure-PyTorch twins with the same
+signatures live in :mod:`gemma4x.reference.moe`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_weight
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
 from gemma4x.ops._launch import as_rows, on_device
-from gemma4x.ops._load import extension
+from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference import moe as _ref
 
 # Limits of the kernels (csrc/ops/moe/moe.cu holds the same numbers; a GPU test compares them).
 ROUTER_MAX_EXPERTS = 256
 ROUTER_MAX_TOP_K = 32
 ROUTER_MAX_HIDDEN = 6144
-# Beyond this many tokens the router is a real GEMM: cuBLAS (the reference path) beats one block
-# per token re-reading the 720 KB router matrix from L2 (H200, 26B-A4B shape: equal at 512 tokens,
-# 0.29 ms slower at 4096).
+# Beyond this many tokens the router is a real GEMM: cuBLAS (moe_router_many: rows kernel, cuBLAS,
+# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2 (H200,
+# 26B-A4B shape: the fused kernel equals the reference ops at 512 tokens, 0.29 ms slower at 4096).
 ROUTER_FUSED_MAX_TOKENS = 512
 DECODE_MAX_PAIRS = 64
 DECODE_MAX_EXPERTS = 256
@@ -48,6 +54,12 @@ _DECODE_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_KERNEL = "auto"
 _DECODE_KERNEL_CODES = {"auto": 0, "split": 1, "stream": 2}
 LAST_DECODE_KERNEL = None  # "split" or "stream": what the last eager decode call ran (for tests)
+PREFILL_MAX_EXPERTS = 256
+PREFILL_MAX_TOP_K = 32
+# Grouped-GEMM tile of the prefill path (PrefillTile in csrc/include/gemma4x/moe/prefill_params.h):
+# 0 picks per GEMM by rows per expert; 1 = the large tile for both GEMMs (SM90: cooperative
+# 128x256), 2 = the small one (SM90: ping-pong 64x256).
+PREFILL_TILES = (0, 1, 2)
 
 
 def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list[int], dtype, device, *, contiguous: bool) -> None:
@@ -222,6 +234,143 @@ def _(x, idx, weights, gate_up_proj, down_proj):
     return x.new_empty(x.shape)
 
 
+def prefill_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """True when the arguments fit the SM90 prefill kernels (bf16, contiguous weights, H and I
+    multiples of 8, E <= 256, k <= 32). Says nothing about the GPU: see :func:`prefill_device_ok`."""
+    H = x.shape[1]
+    k = idx.shape[1]
+    E, I2, _ = gate_up_proj.shape
+    return (
+        x.dtype == torch.bfloat16
+        and E <= PREFILL_MAX_EXPERTS
+        and k <= PREFILL_MAX_TOP_K
+        and H % 8 == 0
+        and (I2 // 2) % 8 == 0
+        and I2 > 0
+        and gate_up_proj.is_contiguous()
+        and down_proj.is_contiguous()
+    )
+
+
+_prefill_device_cache: dict[int, bool] = {}
+
+
+def prefill_device_ok(device: torch.device) -> bool:
+    """True when ``device`` can run the grouped-GEMM prefill kernels of this build.
+
+    - compute capability 9.0 (H100/H200) with an sm_90a build: yes (measured, bench/RESULTS.md);
+    - 10.0 (B200) with an sm_100a build: only when ``GEMMA4X_MOE_PREFILL_SM100=1``, since that
+      path is compiled but has not run on a B200 yet;
+    - anything else: no. :func:`moe_experts` then takes the reference ``F.grouped_mm`` path.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _prefill_device_cache.get(index)
+    if ok is None:
+        ok = False
+        cc = torch.cuda.get_device_capability(index)
+        try:
+            mod = extension().moe_prefill
+            if cc == (9, 0):
+                ok = bool(mod.has_sm90)
+            elif cc == (10, 0):
+                ok = bool(mod.has_sm100) and os.environ.get("GEMMA4X_MOE_PREFILL_SM100", "0") == "1"
+        except (ExtensionUnavailableError, AttributeError):  # no extension: the reference path
+            ok = False
+        _prefill_device_cache[index] = ok
+    return ok
+
+
+def _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile) -> None:
+    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+    if not prefill_supported(x, idx, gate_up_proj, down_proj):
+        T, H = x.shape
+        E, I2, _ = gate_up_proj.shape
+        raise ValueError(
+            f"moe_experts_prefill: unsupported arguments (dtype {_fmt_dtype(x.dtype)}, T={T}, k={idx.shape[1]}, "
+            f"E={E}, H={H}, I={I2 // 2}); needs bfloat16, E <= {PREFILL_MAX_EXPERTS}, k <= {PREFILL_MAX_TOP_K}, "
+            "H and I multiples of 8, contiguous weights; moe_experts picks the grouped_mm path for anything else"
+        )
+    if isinstance(tile, bool) or tile not in PREFILL_TILES:
+        raise ValueError(f"moe_experts_prefill: tile must be one of {PREFILL_TILES}, got {tile!r}")
+
+
+@torch.library.custom_op("gemma4x::moe_experts_prefill", mutates_args=())
+def _moe_experts_prefill_op(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    tile: int = 0,
+) -> torch.Tensor:
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+    check_cuda("moe_experts_prefill", "x", x)
+    T, H = x.shape
+    k = idx.shape[1]
+    E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    mod = extension().moe_prefill
+    rows, stride = _aligned_rows(x, "x", "moe_experts_prefill", 8)
+    idx, weights = idx.contiguous(), weights.contiguous()
+    with on_device(x) as stream:
+        # Permuted x, GEMM outputs and per-expert GEMM arguments (sized for x's GPU), from the
+        # torch allocator: graph-safe.
+        nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        mod.moe_experts_prefill(
+            out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
+            gate_up_proj.data_ptr(), down_proj.data_ptr(), workspace.data_ptr(), nbytes,
+            T, k, E, H, I, int(tile), stream,
+        )  # fmt: skip
+    return out
+
+
+@_moe_experts_prefill_op.register_fake
+def _(x, idx, weights, gate_up_proj, down_proj, tile=0):
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gemma4x::moe_router_many", mutates_args=())
+def _moe_router_many_op(
+    h: torch.Tensor,
+    proj_weight: torch.Tensor,
+    scale: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    check_cuda("moe_router", "h", h)
+    out_shape = (*h.shape[:-1], top_k)
+    weights = torch.empty(out_shape, dtype=torch.float32, device=h.device)
+    idx = torch.empty(out_shape, dtype=torch.int64, device=h.device)
+    rows, stride = _aligned_rows(h, "h", "moe_router", 16 // h.element_size())
+    T, H = rows.shape
+    if T == 0:
+        return weights, idx
+    mod = extension().moe_prefill
+    r = torch.empty(T, H, dtype=h.dtype, device=h.device)
+    with on_device(h) as stream:
+        mod.moe_router_rows(r.data_ptr(), rows.data_ptr(), stride, scale.data_ptr(), T, H, float(eps),
+                            DTYPE_CODES[h.dtype], stream)
+        logits = torch.nn.functional.linear(r, proj_weight)  # cuBLAS on the same stream, rounded to h.dtype
+        mod.moe_router_topk(
+            weights.data_ptr(), idx.data_ptr(), logits.data_ptr(), per_expert_scale.data_ptr(),
+            per_expert_scale.dtype == torch.float32, T, proj_weight.shape[0], top_k, DTYPE_CODES[h.dtype], stream,
+        )  # fmt: skip
+    return weights, idx
+
+
+@_moe_router_many_op.register_fake
+def _(h, proj_weight, scale, per_expert_scale, top_k, eps):
+    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    out_shape = (*h.shape[:-1], top_k)
+    return h.new_empty(out_shape, dtype=torch.float32), h.new_empty(out_shape, dtype=torch.int64)
+
+
 def moe_router(
     h: torch.Tensor,
     proj_weight: torch.Tensor,
@@ -232,8 +381,9 @@ def moe_router(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``w, idx = topk(softmax_fp32(bf16(bf16(rms(h) * scale) * H^-0.5) @ W^T), k)``; ``w / sum(w) * s[idx]``.
 
-    One fused launch up to ``ROUTER_FUSED_MAX_TOKENS`` tokens (ties between equal probabilities
-    go to the lower expert id), the reference ops beyond (cuBLAS; ``torch.topk``'s tie order).
+    One fused launch up to ``ROUTER_FUSED_MAX_TOKENS`` tokens; beyond, a normalised-rows kernel,
+    the router GEMM through cuBLAS and a softmax/top-k kernel (three launches). Ties between equal
+    probabilities go to the lower expert id on both paths.
 
     Args:
         h: ``[..., H]`` float32/float16/bfloat16 CUDA tensor, the residual stream entering the
@@ -246,12 +396,10 @@ def moe_router(
     Returns:
         (weights ``[..., k]`` float32, idx ``[..., k]`` int64), sorted by descending probability.
     """
-    # Validated once, by whichever path runs: the custom op checks its arguments itself.
+    # Validated once, by whichever path runs: each custom op checks its arguments itself.
     if _rows(h) <= ROUTER_FUSED_MAX_TOKENS:
         return torch.ops.gemma4x.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
-    _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
-    check_cuda("moe_router", "h", h)
-    return _ref.moe_router(h, proj_weight, scale, per_expert_scale, top_k, eps)
+    return torch.ops.gemma4x.moe_router_many(h, proj_weight, scale, per_expert_scale, top_k, eps)
 
 
 def moe_experts(
@@ -264,9 +412,10 @@ def moe_experts(
     """``out[t] = sum_j weights[t,j] * (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T``, ``e = idx[t,j]``.
 
     fp32 sum over the k slots, rounded once to ``x.dtype``. Decode batches (``T*k <= 64``, see
-    :func:`decode_supported`) run the two decode kernels; anything else the reference
-    ``F.grouped_mm`` path, so every size is correct. Expert ids outside ``[0, E)`` contribute
-    nothing on the decode path.
+    :func:`decode_supported`) run the two decode kernels; larger bf16 batches on an SM90 GPU the
+    grouped-GEMM prefill path (:func:`prefill_supported`, :func:`prefill_device_ok`); anything
+    else the reference ``F.grouped_mm`` path, so every size is correct. Expert ids outside
+    ``[0, E)`` contribute nothing on the decode and prefill paths.
 
     Args:
         x: ``[T, H]`` expert input (``pre_feedforward_layernorm_2`` output), CUDA.
@@ -282,4 +431,6 @@ def moe_experts(
         return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
     _check_experts(x, idx, weights, gate_up_proj, down_proj)
     check_cuda("moe_experts", "x", x)
+    if prefill_supported(x, idx, gate_up_proj, down_proj) and prefill_device_ok(x.device):
+        return torch.ops.gemma4x.moe_experts_prefill(x, idx, weights, gate_up_proj, down_proj)
     return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)
