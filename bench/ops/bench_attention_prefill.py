@@ -117,7 +117,7 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
     for be in ops_attn.BACKENDS:
         if args.backends and be not in args.backends:
             continue
-        if (d == 72 and (be.startswith("wgmma") or be == "fa3")) or (d == 512 and be.endswith("_m64")):
+        if (d == 72 and (be.startswith("wgmma") or be.startswith("fa3"))) or (d == 512 and be.endswith("_m64")):
             continue  # the same kernel as another backend
         fn = lambda be=be: ops.attention_varlen(q, k, v, cu, cu, window_left=wl, window_right=wr,  # noqa: E731
                                                 q_block=blocks, k_block=blocks, backend=be, check_offsets=False)

@@ -157,7 +157,7 @@ def test_strided_views(backend, d, gen):
 
 
 @needs_sm90
-@pytest.mark.parametrize("backend", ["wgmma", "fa3"])
+@pytest.mark.parametrize("backend", ["wgmma", "fa3", "fa3_alt"])
 @pytest.mark.parametrize("d", [256, 512])
 def test_long_sliding_with_images(backend, d, gen):
     # 8k tokens, window 1024, images longer and shorter than the window.
@@ -168,11 +168,12 @@ def test_long_sliding_with_images(backend, d, gen):
 
 
 @needs_sm90
+@pytest.mark.parametrize("backend", ["fa3", "fa3_alt"])
 @pytest.mark.parametrize("d,nH,nKV", [(256, 16, 8), (512, 16, 2)])
-def test_fa3_long_causal_multi_sequence(d, nH, nKV, gen):
+def test_fa3_long_causal_multi_sequence(backend, d, nH, nKV, gen):
     # Many key stages per CTA (the ring wraps many times), several sequences, a cached prefix.
     lens = [(3000, 3000), (700, 2500), (1, 1), (1500, 1500)]
-    _check(*_inputs(lens, nH, nKV, d, torch.bfloat16, gen), "fa3", window_left=None, window_right=0)
+    _check(*_inputs(lens, nH, nKV, d, torch.bfloat16, gen), backend, window_left=None, window_right=0)
 
 
 @needs_sm90
@@ -185,7 +186,7 @@ def test_block_m_matches_kernel():
 
 
 @needs_sm90
-@pytest.mark.parametrize("backend", [None, "fa3"])
+@pytest.mark.parametrize("backend", [None, "wgmma", "fa3", "fa3_alt"])
 @pytest.mark.parametrize("d", [256, 512])
 def test_cuda_graph_capture(backend, d, gen):
     q, k, v, cq, ck = _inputs([(300, 300), (64, 200)], 16, 2, d, torch.bfloat16, gen)
@@ -218,6 +219,7 @@ def test_opcheck(gen):
     torch.library.opcheck(
         torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, b[:80], b, 9, 0, False, 1.0, 4)
     )
+    torch.library.opcheck(torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, 0, False, 1.0, 6))
 
 
 @needs_sm90

@@ -15,13 +15,16 @@ constexpr const char* kOp = "attention_varlen (fa3)";
 
 // Tile shapes, one CTA per SM (384 threads):
 //  d 256: 128 query rows (2 consumers x 64), 64-key stages, 2 stages: Q 64 KB + 2 x (K 32 + V 32) KB.
+//         The consumers take turns issuing their MMAs; variant bit 1: they run free.
 //  d 512: 64 query rows (2 consumers x half of d), 32-key stages, 2 stages: Q 64 KB + 2 x (32 + 32) KB
-//         + 16 KB partial-S exchange. 64-key stages fit only once (64 + 128 + 32 KB): no prefetch
-//         depth, and S (32) + P (16) + O (128) registers spill 224 bytes; not built.
-template <typename T>
-using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1>;
-template <typename T>
-using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2>;
+//         + 16 KB partial-S exchange. The first 6 of the 16 k16 slices of each consumer's Q are
+//         held in registers (more spill: O 128 + S 16 + P 8 registers come first); variant bit 1:
+//         Q read from shared memory only. 64-key stages fit only once (64 + 128 + 32 KB): no
+//         prefetch depth, and the registers of S and P double; not built.
+template <typename T, bool kAlt>
+using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1, 0, !kAlt>;
+template <typename T, bool kAlt>
+using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2, kAlt ? 0 : 6>;
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -85,26 +88,27 @@ void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
 }
 
 template <typename T, typename F>
-bool with_fa3_config(int head_dim, F&& f) {
+bool with_fa3_config(int head_dim, int variant, F&& f) {
+  const bool alt = variant & 2;
   switch (head_dim) {
-    case 256: f(Fa3Cfg256<T>{}); return true;
-    case 512: f(Fa3Cfg512<T>{}); return true;
+    case 256: alt ? f(Fa3Cfg256<T, true>{}) : f(Fa3Cfg256<T, false>{}); return true;
+    case 512: alt ? f(Fa3Cfg512<T, true>{}) : f(Fa3Cfg512<T, false>{}); return true;
     default: return false;
   }
 }
 
 }  // namespace
 
-int attention_varlen_fa3_block_m(int head_dim, int /*variant*/) {
+int attention_varlen_fa3_block_m(int head_dim, int variant) {
   int block_m = 0;
-  with_fa3_config<__nv_bfloat16>(head_dim, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
+  with_fa3_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
   return block_m;
 }
 
-void attention_varlen_fa3(const AttentionVarlenParams& p, DType dtype, int /*variant*/, cudaStream_t stream) {
+void attention_varlen_fa3(const AttentionVarlenParams& p, DType dtype, int variant, cudaStream_t stream) {
   auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
-  const bool ok = dtype == DType::kBFloat16 ? with_fa3_config<__nv_bfloat16>(p.head_dim, run)
-                                            : with_fa3_config<__half>(p.head_dim, run);
+  const bool ok = dtype == DType::kBFloat16 ? with_fa3_config<__nv_bfloat16>(p.head_dim, variant, run)
+                                            : with_fa3_config<__half>(p.head_dim, variant, run);
   GEMMA4X_CHECK_ARG(ok, kOp, ": head_dim must be 256 or 512, got ", p.head_dim);
 }
 

@@ -49,8 +49,10 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # dim 72 always runs mma.sync), bit 1 64-row tiles with several CTAs per SM (head dims 256/64/72;
 # head dim 512 always uses 64-row tiles and one CTA per SM). Bit 2 ("fa3"): the
 # FlashAttention-3-structured kernel (attention_varlen_fa3_sm90.cuh: TMA producer warp, K/V
-# stage ring, two consumer warpgroups) at head dims 256/512; head dims 64/72 run "mma_sync" for it.
-BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4}
+# stage ring, two consumer warpgroups) at head dims 256/512; head dims 64/72 run "mma_sync" /
+# "mma_sync_m64" for it. "fa3_alt" is its other schedule: head dim 256 without the consumers'
+# ping-pong turns, head dim 512 with Q read from shared memory only (not partly from registers).
+BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6}
 FA3 = 4
 
 
@@ -61,8 +63,10 @@ def block_m(d: int, variant: int) -> int:
     return 64 if d == 512 or variant & 2 else 128
 
 
-# Default variant per head dim, from bench/RESULTS.md (H200): PLACEHOLDER.
-DEFAULT_BACKENDS = {64: "wgmma", 72: "wgmma", 256: "wgmma", 512: "wgmma"}
+# Default variant per head dim, from bench/RESULTS.md (H200, same run): "fa3" is the fastest at head
+# dims 256/512 on every text mask (8k causal: 584 vs 407 TFLOP/s for "wgmma" at d 256, 332 vs 287
+# at d 512); head dims 64/72 keep "wgmma" (head dim 72 runs mma.sync).
+DEFAULT_BACKENDS = {64: "wgmma", 72: "wgmma", 256: "fa3", 512: "fa3"}
 DEFAULT_BACKEND = "wgmma"  # head dims not in DEFAULT_BACKENDS (none today)
 
 

@@ -33,7 +33,7 @@
 
 namespace gemma4x::attention {
 
-template <typename T, int HD_, int kBlockN_, int kStages_, int kDSplit_>
+template <typename T, int HD_, int kBlockN_, int kStages_, int kDSplit_, int kQRegFrags_ = 0, bool kPingPong_ = true>
 struct Fa3Config {
   using Element = T;
   static constexpr int HD = HD_;
@@ -44,14 +44,22 @@ struct Fa3Config {
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kConsumerThreads = 256;
   static constexpr int kHDw = HD / kDSplit;  // d columns each consumer contracts (S) and owns (O)
+  // The first kQRegFrags k16 slices of Q are held in registers (4 per slice) as the A operand of
+  // S = Q K^T (RS wgmma) instead of being read from shared memory by every SS wgmma: an
+  // m64n32k16 SS wgmma reads 3 KB of shared memory per 65 kFLOP, more than the 128 B/clk
+  // shared-memory port delivers at peak math; the RS form reads 1 KB.
+  static constexpr int kQRegFrags = kQRegFrags_;
+  // kDSplit == 1: the consumers take turns issuing their MMAs (else they run free).
+  static constexpr bool kPingPong = kDSplit == 1 && kPingPong_;
+  static constexpr bool kQRegs = kQRegFrags > 0;
   static constexpr int kQBytes = kBlockM * HD * 2;
   static constexpr int kKVBytes = kBlockN * HD * 2;
   static constexpr int kSxBytes = kDSplit > 1 ? kConsumerThreads * kBlockN / 2 * 4 : 0;
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes + kSxBytes;
   static constexpr int kNumBars = 1 + 4 * kStages;
   static constexpr int kSmemBytes = kBarOffset + kNumBars * 8 + 1024;  // +1024: alignment of the base
-  // 128 * 40 + 256 * 232 = 64512 <= 65536 registers of the SM.
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  // 128 * 40 + 256 * 232 = 64512 <= 65536 registers of the SM (24 / 240 with Q in registers).
+  static constexpr int kProducerRegs = kQRegs ? 24 : 40, kConsumerRegs = kQRegs ? 240 : 232;
 
   static_assert(HD % 64 == 0 && kHDw % 64 == 0, "TMA boxes and wgmma use 64-column regions");
   static_assert(kBlockN == 32 || kBlockN == 64, "S is one m64n32 / m64n64 wgmma chain");
@@ -59,6 +67,7 @@ struct Fa3Config {
   static_assert(kDSplit == 1 || kDSplit == 2, "d is split in at most two halves");
   static_assert(kHDw <= 256, "a consumer holds at most 64 x 256 fp32 accumulators (128 registers)");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+  static_assert(!kQRegs || (kBlockN == 32 && kQRegFrags <= kHDw / 16), "Q fragments beside O, S and P");
 };
 
 // Named barriers (0 is __syncthreads): the consumers' MMA turns, and the partial-S exchange.
@@ -131,6 +140,26 @@ __device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uin
         "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
         : G4X_ACC16(acc)
         : "l"(da), "l"(db), "r"(accumulate));
+  }
+#endif
+}
+
+// acc[64 x 32] (+)= A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, K-major).
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
   }
 #endif
 }
@@ -279,12 +308,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int row_base = kDSplit == 1 ? 64 * c : 0;  // this consumer's query rows in the tile
     const int dh = kDSplit == 1 ? 0 : c;             // this consumer's d half
     const int r_loc0 = row_base + warp * 16 + (lane >> 2);
-    int64_t qpos[2];
+    // Per-element mask in 32-bit arithmetic (positions < 2^30, |p - s| < 2^30; windows < 2^31).
+    int qpos[2];
     int qblk[2];
+    const int wl32 = p.window_left < 0 ? INT_MAX : p.window_left;
+    const int wr32 = p.window_right < 0 ? INT_MAX : p.window_right;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = r_loc0 + 8 * i;
-      qpos[i] = m0 + r + off;
+      qpos[i] = m0 + r + static_cast<int>(off);
       qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
     }
 
@@ -300,6 +332,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float rescale[2];
 
     const uint32_t sQ_u = smem_addr(sQ), sK_u = smem_addr(sK), sV_u = smem_addr(sV);
+    constexpr int kQFrags = Cfg::kQRegs ? Cfg::kQRegFrags : 1;
+    uint32_t qa[kQFrags][4];  // kQRegs: A fragments of this warp's 16 rows of Q over the d slice
 
     // S = Q K(stage)^T over this consumer's d slice (issued, not waited for).
     auto issue_qk = [&](int stage) {
@@ -311,7 +345,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         const int region = col / 64, within = (col % 64) * 2;
         const uint32_t a_addr = sQ_u + region * kBlockM * 128 + row_base * 128 + within;
         const uint32_t b_addr = kb + region * kBlockN * 128 + within;
-        if constexpr (kBlockN == 64) {
+        if (Cfg::kQRegs && ks < kQFrags) {
+          wgmma_rs_64x32<kBf16>(s, qa[ks < kQFrags ? ks : 0], gmma_desc(b_addr, 16, 1024), ks > 0);
+        } else if constexpr (kBlockN == 64) {
           wgmma_ss_64x64<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), ks > 0);
         } else {
           wgmma_ss_64x32<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), ks > 0);
@@ -365,9 +401,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const int64_t dpos = qpos[i] - kj;
-              const bool left = dpos <= wl;
-              const bool right = -dpos <= wr;
+              const int dpos = qpos[i] - kj;
+              const bool left = dpos <= wl32;
+              const bool right = -dpos <= wr32;
               const bool same = kb >= 0 && kb == qblk[i];
               const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
               if (!ok) s[j][2 * i + cc] = -INFINITY;
@@ -412,7 +448,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // then hands the turn to the other one. Both walk the same key tiles, so their turn counts
     // match; consumer 1 starts by handing the first turn to consumer 0 and skips its very last
     // hand-over, which leaves both barriers balanced at exit.
-    constexpr bool kPingPong = kDSplit == 1;
+    constexpr bool kPingPong = Cfg::kPingPong;
     auto turn_sync = [&]() {
       if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, Cfg::kConsumerThreads);
     };
@@ -423,6 +459,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (n_first >= 0) {
       if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, Cfg::kConsumerThreads);
       mbarrier_wait_parity(bar_q, 0);
+      if constexpr (Cfg::kQRegs) {
+        // ldmatrix x4 of rows (lane & 15), 16-byte chunks (lane >> 4) of each k16 slice (the
+        // swizzled layout: chunk c of row r at c ^ (r % 8) inside the row's 128 bytes).
+        const int row = row_base + warp * 16 + (lane & 15);
+#pragma unroll
+        for (int ks = 0; ks < kQFrags; ++ks) {
+          const int chunk = (dh * kHDw + ks * 16) / 8 + (lane >> 4);
+          const uint32_t addr =
+              sQ_u + (chunk >> 3) * kBlockM * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+          ldmatrix_x4(addr, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3]);
+        }
+      }
       // Prologue: S(first).
       mbarrier_wait_parity(&k_full[0], 0);
       turn_sync();
