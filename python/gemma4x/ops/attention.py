@@ -63,9 +63,10 @@ def block_m(d: int, variant: int) -> int:
     return 64 if d == 512 or variant & 2 else 128
 
 
-# Default variant per head dim, from bench/RESULTS.md (H200, same run): "fa3" is the fastest at head
-# dims 256/512 on every text mask (8k causal: 584 vs 407 TFLOP/s for "wgmma" at d 256, 332 vs 287
-# at d 512); head dims 64/72 keep "wgmma" (head dim 72 runs mma.sync).
+# Default variant per head dim, from bench/RESULTS.md (H200, one run): "fa3" beats "wgmma" on 17 of
+# the 18 text rows (8k causal: 603 vs 413 TFLOP/s at d 256, 334 vs 296 at d 512; the exception is
+# d 512 window + images at 32k, 4% slower) and "fa3_alt" everywhere; head dims 64/72 keep "wgmma"
+# (head dim 72 runs mma.sync).
 DEFAULT_BACKENDS = {64: "wgmma", 72: "wgmma", 256: "fa3", 512: "fa3"}
 DEFAULT_BACKEND = "wgmma"  # head dims not in DEFAULT_BACKENDS (none today)
 

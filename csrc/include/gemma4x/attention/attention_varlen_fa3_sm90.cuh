@@ -4,7 +4,7 @@
 // tiles, heaviest query tiles first); a different schedule:
 //  * warp specialisation: warpgroup 0 is the producer (one thread issues every load as a TMA
 //    bulk-tensor copy, cp.async.bulk.tensor, from tensor maps built on the host) and gives its
-//    registers away (setmaxnreg); warpgroups 1 and 2 are consumers with 232 registers each.
+//    registers away (setmaxnreg); warpgroups 1 and 2 are consumers with 232 (240) registers each.
 //  * K and V live in rings of kStages shared-memory stages, each guarded by a "full" mbarrier
 //    (transaction bytes of the TMA copies) and an "empty" one (the 256 consumer threads arrive
 //    once their MMAs on the stage completed).
