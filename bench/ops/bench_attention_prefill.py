@@ -115,7 +115,9 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
     tflop = 4 * pairs * d * nH / 1e12
     row = dict(case=name, L=L, d=d, heads=nH, kv_heads=k.shape[1], pairs=pairs, tflop=tflop)
     for be in ops_attn.BACKENDS:
-        if (d == 72 and be.startswith("wgmma")) or (d == 512 and be.endswith("_m64")):
+        if args.backends and be not in args.backends:
+            continue
+        if (d == 72 and (be.startswith("wgmma") or be.startswith("fa3"))) or (d == 512 and be.endswith("_m64")):
             continue  # the same kernel as another backend
         fn = lambda be=be: ops.attention_varlen(q, k, v, cu, cu, window_left=wl, window_right=wr,  # noqa: E731
                                                 q_block=blocks, k_block=blocks, backend=be, check_offsets=False)
@@ -131,6 +133,8 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
         pos = torch.arange(L, device="cuda")
         mask = attention_mask(pos, pos, wl, wr, blocks, blocks)
     for be in ("flash", "cudnn", "efficient", "math"):
+        if args.no_sdpa:
+            break
         if be == "math" and L > 8192:
             row["sdpa_math"] = "skipped (too slow)"
             continue
@@ -162,6 +166,10 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-32k", action="store_true")
     ap.add_argument("--flex-budget-s", type=float, default=120.0, help="stop compiling FlexAttention after this")
+    ap.add_argument("--backends", type=lambda s: s.split(","), default=None, help="gemma4x backends to time (all)")
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
+    ap.add_argument("--no-vision", action="store_true", help="text cases only")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
@@ -175,7 +183,7 @@ def main():
     print(f"device {rep.device}; bf16 matmul ceiling {mm:.0f} TFLOP/s", flush=True)
     t_start = time.time()
     d, nH = 72, 16
-    for n_img, L in ((1, 1024), (1, 2304), (1, 4096), (8, 1024)):
+    for n_img, L in () if args.no_vision else ((1, 1024), (1, 2304), (1, 4096), (8, 1024)):
         T = n_img * L
         q = torch.randn(T, nH, d, device="cuda").to(DT) * 0.3
         k = torch.randn(T, nH, d, device="cuda").to(DT) * 0.3
@@ -194,7 +202,7 @@ def main():
                 cells.append(f"gemma4x_{be}=" + (f"{t:.0f}us/{tflop / (t * 1e-6):.0f}TF" if isinstance(t, float) else t))
             rep.add(**row)
             print(f"vision x{n_img:<14} L={L:<6} d={d:<3} {nH}/{nH}  " + "  ".join(cells), flush=True)
-    lengths = [1024, 8192] if args.quick else [1024, 8192, 32768]
+    lengths = args.lengths or ([1024, 8192] if args.quick else [1024, 8192, 32768])
     for L in lengths:
         for d, nH, nKV in ((512, 16, 2), (256, 16, 8)):
             q = (torch.randn(L, nH, d, device="cuda") * d**-0.25).to(DT)

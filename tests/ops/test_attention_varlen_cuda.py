@@ -157,12 +157,23 @@ def test_strided_views(backend, d, gen):
 
 
 @needs_sm90
-def test_long_sliding_with_images(gen):
-    # 8k tokens, window 1024, images longer and shorter than the window; hd 256.
+@pytest.mark.parametrize("backend", ["wgmma", "fa3", "fa3_alt"])
+@pytest.mark.parametrize("d", [256, 512])
+def test_long_sliding_with_images(backend, d, gen):
+    # 8k tokens, window 1024, images longer and shorter than the window.
     L = 8192
     blocks = block_ids_from_ranges(L, [(0, 280), (3000, 4400), (8000, 8192)]).to("cuda", torch.int32)
-    q, k, v, cq, ck = _inputs([(L, L)], 8, 4, 256, torch.bfloat16, gen)
-    _check(q, k, v, cq, ck, "wgmma", window_left=1023, window_right=0, q_block=blocks, k_block=blocks)
+    q, k, v, cq, ck = _inputs([(L, L)], 8, 4, d, torch.bfloat16, gen)
+    _check(q, k, v, cq, ck, backend, window_left=1023, window_right=0, q_block=blocks, k_block=blocks)
+
+
+@needs_sm90
+@pytest.mark.parametrize("backend", ["fa3", "fa3_alt"])
+@pytest.mark.parametrize("d,nH,nKV", [(256, 16, 8), (512, 16, 2)])
+def test_fa3_long_causal_multi_sequence(backend, d, nH, nKV, gen):
+    # Many key stages per CTA (the ring wraps many times), several sequences, a cached prefix.
+    lens = [(3000, 3000), (700, 2500), (1, 1), (1500, 1500)]
+    _check(*_inputs(lens, nH, nKV, d, torch.bfloat16, gen), backend, window_left=None, window_right=0)
 
 
 @needs_sm90
@@ -175,21 +186,23 @@ def test_block_m_matches_kernel():
 
 
 @needs_sm90
-def test_cuda_graph_capture(gen):
-    q, k, v, cq, ck = _inputs([(300, 300), (64, 200)], 16, 2, 512, torch.bfloat16, gen)
-    eager = ops.attention_varlen(q, k, v, cq, ck)
+@pytest.mark.parametrize("backend", [None, "wgmma", "fa3", "fa3_alt"])
+@pytest.mark.parametrize("d", [256, 512])
+def test_cuda_graph_capture(backend, d, gen):
+    q, k, v, cq, ck = _inputs([(300, 300), (64, 200)], 16, 2, d, torch.bfloat16, gen)
+    eager = ops.attention_varlen(q, k, v, cq, ck, backend=backend)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        ops.attention_varlen(q, k, v, cq, ck)  # warm-up outside capture
+        ops.attention_varlen(q, k, v, cq, ck, backend=backend)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(g):
-        out = ops.attention_varlen(q, k, v, cq, ck)
+        out = ops.attention_varlen(q, k, v, cq, ck, backend=backend)
     q.copy_(q * 0.5)
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, ops.attention_varlen(q, k, v, cq, ck))
+    assert torch.equal(out, ops.attention_varlen(q, k, v, cq, ck, backend=backend))
     assert not torch.equal(out, eager)
 
 
@@ -203,6 +216,10 @@ def test_opcheck(gen):
     torch.library.opcheck(
         torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, b[:80], b, 9, 0, False, 1.0, 2)
     )
+    torch.library.opcheck(
+        torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, b[:80], b, 9, 0, False, 1.0, 4)
+    )
+    torch.library.opcheck(torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, 0, False, 1.0, 6))
 
 
 @needs_sm90

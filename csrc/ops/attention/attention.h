@@ -11,10 +11,17 @@ namespace gemma4x::attention {
 
 // Validates every argument, checks that the current GPU is compute capability 9.0 (the sm_90a code
 // runs nowhere else) and launches on `stream`. `variant` bit 0: warpgroup MMAs (head dims 64/256/512;
-// head dim 72 always runs mma.sync); bit 1: 64-row tiles, several CTAs per SM (head dims 256/64/72).
+// head dim 72 always runs mma.sync); bit 1: 64-row tiles, several CTAs per SM (head dims 256/64/72);
+// bit 2: the FlashAttention-3-structured kernel (head dims 256/512; there bit 0 is ignored and bit 1
+// picks the alternative schedule of attention_varlen_fa3_sm90.cu; head dims 64/72 ignore bit 2).
 void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int variant, cudaStream_t stream);
 
 // Query rows per CTA for (head dim, variant) (the caller builds tile_cum with it); 0 if unsupported.
 int attention_varlen_block_m(int head_dim, int variant);
+
+// The FlashAttention-3-structured kernel (attention_varlen_fa3_sm90.cu); called by attention_varlen
+// for variant bit 2 at head dims 256/512 after its checks.
+void attention_varlen_fa3(const AttentionVarlenParams& p, DType dtype, int variant, cudaStream_t stream);
+int attention_varlen_fa3_block_m(int head_dim, int variant);
 
 }  // namespace gemma4x::attention

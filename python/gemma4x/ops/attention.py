@@ -47,22 +47,32 @@ MAX_GRID_Y = 65535
 _DTYPES = (torch.bfloat16, torch.float16)
 # Kernel variants (csrc/ops/attention/attention_varlen_sm90.cu): bit 0 warpgroup MMAs (wgmma; head
 # dim 72 always runs mma.sync), bit 1 64-row tiles with several CTAs per SM (head dims 256/64/72;
-# head dim 512 always uses 64-row tiles and one CTA per SM).
-BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2}
+# head dim 512 always uses 64-row tiles and one CTA per SM). Bit 2 ("fa3"): the
+# FlashAttention-3-structured kernel (attention_varlen_fa3_sm90.cuh: TMA producer warp, K/V
+# stage ring, two consumer warpgroups) at head dims 256/512; head dims 64/72 run "mma_sync" /
+# "mma_sync_m64" for it. "fa3_alt" is its other schedule: head dim 256 without the consumers'
+# ping-pong turns, head dim 512 with Q read from shared memory only (not partly from registers).
+BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6}
+FA3 = 4
 
 
 def block_m(d: int, variant: int) -> int:
     """Query rows per CTA of the kernel for head dim ``d`` (a GPU test compares with the extension)."""
+    if variant & FA3 and d in (256, 512):
+        return 128 if d == 256 else 64
     return 64 if d == 512 or variant & 2 else 128
 
 
-# H200, bench/RESULTS.md: "wgmma" is the fastest causal variant at head dims 256/512 (409 vs 343
-# TFLOP/s for "wgmma_m64" at 8k, head dim 256) and within 1-6% of it on windowed masks.
-DEFAULT_BACKEND = "wgmma"
+# Default variant per head dim, from bench/RESULTS.md (H200, one run): "fa3" beats "wgmma" on 17 of
+# the 18 text rows (8k causal: 603 vs 413 TFLOP/s at d 256, 334 vs 296 at d 512; the exception is
+# d 512 window + images at 32k, 4% slower) and "fa3_alt" everywhere; head dims 64/72 keep "wgmma"
+# (head dim 72 runs mma.sync).
+DEFAULT_BACKENDS = {64: "wgmma", 72: "wgmma", 256: "fa3", 512: "fa3"}
+DEFAULT_BACKEND = "wgmma"  # head dims not in DEFAULT_BACKENDS (none today)
 
 
-def _default_backend() -> str:
-    b = os.environ.get("GEMMA4X_ATTN_MMA", DEFAULT_BACKEND)
+def _default_backend(d: int) -> str:
+    b = os.environ.get("GEMMA4X_ATTN_MMA", DEFAULT_BACKENDS.get(d, DEFAULT_BACKEND))
     if b not in BACKENDS:
         raise ValueError(f"GEMMA4X_ATTN_MMA must be one of {tuple(BACKENDS)}, got {b!r}")
     return b
@@ -158,11 +168,18 @@ def kernel_supported(q: torch.Tensor) -> bool:
     return _device_is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its base and token/head strides allow 16-byte loads, else a contiguous copy."""
-    if t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0:
-        return t
-    return t.contiguous()
+def _aligned(t: torch.Tensor, tma: bool = False) -> torch.Tensor:
+    """``t`` if its base and token/head strides allow 16-byte loads, else a contiguous copy.
+
+    ``tma``: the "fa3" kernel's tensor maps also need token stride >= head stride >= head dim
+    (strides of size-1 dimensions do not count).
+    """
+    ok = t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+    if ok and tma:
+        n, h, d = t.shape
+        hs = t.stride(1) if h > 1 else d
+        ok = hs >= d and (n <= 1 or t.stride(0) >= hs * h)
+    return t if ok else t.contiguous()
 
 
 def _kb_summary(k_block: torch.Tensor, Nk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +219,8 @@ def _attention_varlen_op(
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     tiles = (cu_q[1:] - cu_q[:-1] + bm - 1) // bm
     tile_cum = F.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0)).contiguous()
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    tma = bool(variant & FA3) and d in (256, 512)
+    q, k, v = _aligned(q, tma), _aligned(k, tma), _aligned(v, tma)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     qb = kb = kb_min = kb_max = None
     if q_block is not None and Nk > 0:
@@ -277,9 +295,10 @@ def attention_varlen(
             neither; compared only inside one sequence.
         unified: gemma4_unified's block overlay (see the module docstring).
         scale: multiplies ``q.k``, finite and ``> 0`` (Gemma 4 uses 1.0).
-        backend: one of :data:`BACKENDS` (default: ``$GEMMA4X_ATTN_MMA`` or :data:`DEFAULT_BACKEND`):
-            ``"wgmma"`` / ``"mma_sync"`` pick the MMA instructions (head dim 72 always runs
-            mma.sync), the ``_m64`` forms 64-row tiles with several CTAs per SM.
+        backend: one of :data:`BACKENDS` (default: ``$GEMMA4X_ATTN_MMA`` or
+            :data:`DEFAULT_BACKENDS` for the head dim): ``"wgmma"`` / ``"mma_sync"`` pick the MMA
+            instructions (head dim 72 always runs mma.sync), the ``_m64`` forms 64-row tiles with
+            several CTAs per SM; ``"fa3"`` the warp-specialised TMA kernel (head dims 256/512).
         check_offsets: check the offsets' values on the host (one sync; skipped during CUDA-graph
             capture). Callers that build the offsets themselves pass False.
 
@@ -290,7 +309,7 @@ def attention_varlen(
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, q_block, k_block, scale)
     if not q.is_cuda:
         raise ValueError(f"{OP}: q must be a CUDA tensor, got device {q.device} (use gemma4x.reference on CPU)")
-    backend = backend or _default_backend()
+    backend = backend or _default_backend(q.shape[-1])
     if backend not in BACKENDS:
         raise ValueError(f"{OP}: backend must be one of {tuple(BACKENDS)}, got {backend!r}")
     if check_offsets and not torch.cuda.is_current_stream_capturing():

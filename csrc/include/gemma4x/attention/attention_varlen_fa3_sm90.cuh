@@ -1,0 +1,553 @@
+// Prefill attention over packed varlen sequences, FlashAttention-3 structure (Hopper, sm_90a).
+//
+// Same contract and tile classification as attention_varlen_sm90.cuh (skip / full / partial key
+// tiles, heaviest query tiles first); a different schedule:
+//  * warp specialisation: warpgroup 0 is the producer (one thread issues every load as a TMA
+//    bulk-tensor copy, cp.async.bulk.tensor, from tensor maps built on the host) and gives its
+//    registers away (setmaxnreg); warpgroups 1 and 2 are consumers with 232 (240) registers each.
+//  * K and V live in rings of kStages shared-memory stages, each guarded by a "full" mbarrier
+//    (transaction bytes of the TMA copies) and an "empty" one (the 256 consumer threads arrive
+//    once their MMAs on the stage completed).
+//  * intra-warpgroup overlap: the next S = Q K^T is issued before the current P V, and the
+//    softmax of the next tile runs while that P V is still on the tensor cores (wgmma.wait_group 1).
+//    P stays in registers as the A operand of the P V wgmma (RS form).
+//  * kDSplit == 1 (head dim 256): 128-row CTA, each consumer owns 64 query rows and all of d;
+//    the two consumers take turns issuing their MMAs (ping-pong through two named barriers) so
+//    one warpgroup's softmax overlaps the other's MMAs.
+//  * kDSplit == 2 (head dim 512): a 64 x 512 fp32 O tile does not fit one warpgroup's registers,
+//    so the two consumers share 64 query rows and own one half of d each; they exchange partial
+//    S tiles through shared memory (as the cp.async kernel does). 32-key stages keep two K/V
+//    stages beside the 64 KB Q tile.
+//
+// Shared-memory tiles use the layout of the cp.async kernel: [rows, d] as d/64 regions of
+// [rows][64] elements, 128-byte rows with the 128-byte swizzle, which is what a TMA box of
+// {64 columns, 1 head, rows} with CU_TENSOR_MAP_SWIZZLE_128B writes. Rows past the end of the
+// packed tensor are zero-filled by the TMA unit; rows of a neighbouring sequence inside a tile
+// are masked like any key past the sequence end (their P is exactly 0).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+
+#include "gemma4x/attention/attention_varlen_sm90.cuh"
+#include "gemma4x/common/bulk_copy.cuh"
+
+namespace gemma4x::attention {
+
+template <typename T, int HD_, int kBlockN_, int kStages_, int kDSplit_, int kQRegFrags_ = 0, bool kPingPong_ = true>
+struct Fa3Config {
+  using Element = T;
+  static constexpr int HD = HD_;
+  static constexpr int kBlockN = kBlockN_;  // keys per stage
+  static constexpr int kStages = kStages_;
+  static constexpr int kDSplit = kDSplit_;
+  static constexpr int kBlockM = kDSplit == 1 ? 128 : 64;
+  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kHDw = HD / kDSplit;  // d columns each consumer contracts (S) and owns (O)
+  // The first kQRegFrags k16 slices of Q are held in registers (4 per slice) as the A operand of
+  // S = Q K^T (RS wgmma) instead of being read from shared memory by every SS wgmma: an
+  // m64n32k16 SS wgmma reads 3 KB of shared memory per 65 kFLOP, more than the 128 B/clk
+  // shared-memory port delivers at peak math; the RS form reads 1 KB.
+  static constexpr int kQRegFrags = kQRegFrags_;
+  // kDSplit == 1: the consumers take turns issuing their MMAs (else they run free).
+  static constexpr bool kPingPong = kDSplit == 1 && kPingPong_;
+  static constexpr bool kQRegs = kQRegFrags > 0;
+  static constexpr int kQBytes = kBlockM * HD * 2;
+  static constexpr int kKVBytes = kBlockN * HD * 2;
+  static constexpr int kSxBytes = kDSplit > 1 ? kConsumerThreads * kBlockN / 2 * 4 : 0;
+  static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes + kSxBytes;
+  static constexpr int kNumBars = 1 + 4 * kStages;
+  static constexpr int kSmemBytes = kBarOffset + kNumBars * 8 + 1024;  // +1024: alignment of the base
+  // 128 * 40 + 256 * 232 = 64512 <= 65536 registers of the SM (24 / 240 with Q in registers).
+  static constexpr int kProducerRegs = kQRegs ? 24 : 40, kConsumerRegs = kQRegs ? 240 : 232;
+
+  static_assert(HD % 64 == 0 && kHDw % 64 == 0, "TMA boxes and wgmma use 64-column regions");
+  static_assert(kBlockN == 32 || kBlockN == 64, "S is one m64n32 / m64n64 wgmma chain");
+  static_assert(kKeyTile % kBlockN == 0, "a key tile lies inside one 64-key block summary chunk pair");
+  static_assert(kDSplit == 1 || kDSplit == 2, "d is split in at most two halves");
+  static_assert(kHDw <= 256, "a consumer holds at most 64 x 256 fp32 accumulators (128 registers)");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+  static_assert(!kQRegs || (kBlockN == 32 && kQRegFrags <= kHDw / 16), "Q fragments beside O, S and P");
+};
+
+// Named barriers (0 is __syncthreads): the consumers' MMA turns, and the partial-S exchange.
+constexpr int kBarTurn0 = 1, kBarTurn1 = 2, kBarXchg0 = 3, kBarXchg1 = 4;
+
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Pins accumulator registers at this point of the program: reads after a wgmma.wait_group and
+// writes before a wgmma issue cannot be moved across it by the compiler.
+template <int kN>
+__device__ __forceinline__ void fence_acc(float (*a)[4]) {
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(a[j][r])::"memory");
+}
+
+// 3-D TMA load: box {64 columns, 1 head, rows} at (col, head, row) into `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int head,
+                                            int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(smem_addr(bar))
+      : "memory");
+}
+
+#define G4X_ACC16(a)                                                                                           \
+  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),   \
+      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
+      "+f"(a[3][2]), "+f"(a[3][3])
+#define G4X_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+
+// acc[64 x 32] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "l"(da), "l"(db), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "l"(da), "l"(db), "r"(accumulate));
+  }
+#endif
+}
+
+// acc[64 x 32] (+)= A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, K-major).
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : G4X_ACC16(acc)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+  }
+#endif
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    attention_varlen_fa3_kernel(const __grid_constant__ AttentionVarlenParams p,
+                                const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                                const __grid_constant__ CUtensorMap tm_v) {
+  using T = typename Cfg::Element;
+  constexpr bool kBf16 = MmaType<T>::kBf16;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw, kStages = Cfg::kStages;
+  constexpr int kDSplit = Cfg::kDSplit;
+  constexpr int kNT = kBlockN / 8;  // n8 tiles of S per warp
+  constexpr int kOT = kHDw / 8;     // n8 tiles of O per warp
+  constexpr int64_t kBig = 1LL << 40;
+
+  extern __shared__ char smem_raw[];
+  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* sQ = base;
+  char* sK = sQ + Cfg::kQBytes;
+  char* sV = sK + kStages * Cfg::kKVBytes;
+  float* sX = reinterpret_cast<float*>(sV + kStages * Cfg::kKVBytes);
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(base + Cfg::kBarOffset);
+  uint64_t* k_full = bar_q + 1;
+  uint64_t* k_empty = k_full + kStages;
+  uint64_t* v_full = k_empty + kStages;
+  uint64_t* v_empty = v_full + kStages;
+  __shared__ int s_qbmin, s_qbmax;
+
+  const int h = blockIdx.x;
+  const int tile = blockIdx.y;
+  if (tile >= p.tile_cum[p.batch]) return;
+  int lo = 0, hi = p.batch;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (p.tile_cum[mid] <= tile) lo = mid; else hi = mid;
+  }
+  const int b = lo;
+  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
+  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
+  const int n_m = (Lq + kBlockM - 1) / kBlockM;
+  const int m_block = n_m - 1 - (tile - p.tile_cum[b]);  // heaviest (last) causal tiles first
+  const int m0 = m_block * kBlockM;
+  const int rows_valid = min(kBlockM, Lq - m0);
+  const int64_t off = static_cast<int64_t>(Lk) - Lq;
+  const int kvh = h / (p.num_heads / p.num_kv_heads);
+  const bool has_blocks = p.q_block != nullptr;
+  const int64_t wl = p.window_left < 0 ? kBig : p.window_left;
+  const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&k_full[s], 1);
+      mbarrier_init(&v_full[s], 1);
+      mbarrier_init(&k_empty[s], Cfg::kConsumerThreads);
+      mbarrier_init(&v_empty[s], Cfg::kConsumerThreads);
+    }
+    fence_barrier_init();
+    s_qbmin = INT_MAX;
+    s_qbmax = -1;
+  }
+  __syncthreads();
+  if (has_blocks) {
+    if (threadIdx.x < rows_valid) {
+      const int id = p.q_block[q_start + m0 + threadIdx.x];
+      if (id >= 0) { atomicMin(&s_qbmin, id); atomicMax(&s_qbmax, id); }
+    }
+    __syncthreads();
+  }
+  const int qbmin = has_blocks ? s_qbmin : INT_MAX;
+  const int qbmax = has_blocks ? s_qbmax : -1;
+
+  const int64_t p_lo = m0 + off, p_hi = m0 + rows_valid - 1 + off;
+  const bool blocks_right = has_blocks && qbmax >= 0;
+  const bool blocks_left = blocks_right && p.unified;
+  const int64_t s_max = blocks_right ? Lk - 1 : imin64(Lk - 1, p_hi + wr);
+  const int64_t s_min = blocks_left ? 0 : imax64(0, p_lo - wl);
+  const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
+  const int n_lo = static_cast<int>(s_min / kBlockN);
+
+  auto classify = [&](int n) -> int {
+    const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
+    const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
+    const bool left_none = p_lo - s1 > wl;
+    const bool right_none = s0 - p_hi > wr;
+    const bool all = (s1 - p_lo <= wr) && (p_hi - s0 <= wl) && (s0 + kBlockN <= Lk);
+    bool overlap = false;
+    if (blocks_right) {
+      const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
+      const int c1 = (k_start + static_cast<int>(s1)) / kKeyTile;
+      const int kmin = min(p.kb_min[c0], p.kb_min[c1]);
+      const int kmax = max(p.kb_max[c0], p.kb_max[c1]);
+      overlap = kmin <= qbmax && qbmin <= kmax;
+    }
+    if (all) return TileClass::kFull;
+    if (p.unified) {
+      if (overlap) return TileClass::kPartial;
+      return (left_none || right_none) ? TileClass::kSkip : TileClass::kPartial;
+    }
+    if (left_none) return TileClass::kSkip;
+    if (right_none) return overlap ? TileClass::kPartial : TileClass::kSkip;
+    return TileClass::kPartial;
+  };
+  auto next_tile = [&](int n) -> int {
+    for (; n >= n_lo; --n)
+      if (classify(n) != TileClass::kSkip) return n;
+    return -1;
+  };
+  const int n_first = n_hi >= 0 ? next_tile(n_hi) : -1;
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x == 0 && n_first >= 0) {
+      constexpr int kRegions = Cfg::HD / 64;
+      mbarrier_arrive_expect_tx(bar_q, Cfg::kQBytes);
+#pragma unroll 1
+      for (int r = 0; r < kRegions; ++r) tma_load_3d(sQ + r * kBlockM * 128, &tm_q, bar_q, r * 64, h, q_start + m0);
+      int it = 0;
+#pragma unroll 1
+      for (int n = n_first; n >= 0; n = next_tile(n - 1), ++it) {
+        const int s = it % kStages;
+        const uint32_t ph = (it / kStages) & 1;
+        const int row = k_start + n * kBlockN;
+        mbarrier_wait_parity(&k_empty[s], ph ^ 1);
+        mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes);
+        char* dk = sK + s * Cfg::kKVBytes;
+#pragma unroll 1
+        for (int r = 0; r < kRegions; ++r) tma_load_3d(dk + r * kBlockN * 128, &tm_k, &k_full[s], r * 64, kvh, row);
+        mbarrier_wait_parity(&v_empty[s], ph ^ 1);
+        mbarrier_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
+        char* dv = sV + s * Cfg::kKVBytes;
+#pragma unroll 1
+        for (int r = 0; r < kRegions; ++r) tma_load_3d(dv + r * kBlockN * 128, &tm_v, &v_full[s], r * 64, kvh, row);
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    const int c = wg - 1;                 // consumer index
+    const int tid = threadIdx.x - 128 * wg;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int row_base = kDSplit == 1 ? 64 * c : 0;  // this consumer's query rows in the tile
+    const int dh = kDSplit == 1 ? 0 : c;             // this consumer's d half
+    const int r_loc0 = row_base + warp * 16 + (lane >> 2);
+    // Per-element mask in 32-bit arithmetic (positions < 2^30, |p - s| < 2^30; windows < 2^31).
+    int qpos[2];
+    int qblk[2];
+    const int wl32 = p.window_left < 0 ? INT_MAX : p.window_left;
+    const int wr32 = p.window_right < 0 ? INT_MAX : p.window_right;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = r_loc0 + 8 * i;
+      qpos[i] = m0 + r + static_cast<int>(off);
+      qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
+    }
+
+    float acc_o[kOT][4];
+#pragma unroll
+    for (int j = 0; j < kOT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc_o[j][r] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};
+    float s[kNT][4];
+    uint32_t pa[kNT / 2][4];
+    float rescale[2];
+
+    const uint32_t sQ_u = smem_addr(sQ), sK_u = smem_addr(sK), sV_u = smem_addr(sV);
+    constexpr int kQFrags = Cfg::kQRegs ? Cfg::kQRegFrags : 1;
+    uint32_t qa[kQFrags][4];  // kQRegs: A fragments of this warp's 16 rows of Q over the d slice
+
+    // S = Q K(stage)^T over this consumer's d slice (issued, not waited for).
+    auto issue_qk = [&](int stage) {
+      const uint32_t kb = sK_u + stage * Cfg::kKVBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHDw / 16; ++ks) {
+        const int col = dh * kHDw + ks * 16;
+        const int region = col / 64, within = (col % 64) * 2;
+        const uint32_t a_addr = sQ_u + region * kBlockM * 128 + row_base * 128 + within;
+        const uint32_t b_addr = kb + region * kBlockN * 128 + within;
+        if (Cfg::kQRegs && ks < kQFrags) {
+          wgmma_rs_64x32<kBf16>(s, qa[ks < kQFrags ? ks : 0], gmma_desc(b_addr, 16, 1024), ks > 0);
+        } else if constexpr (kBlockN == 64) {
+          wgmma_ss_64x64<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), ks > 0);
+        } else {
+          wgmma_ss_64x32<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), ks > 0);
+        }
+      }
+      wgmma_commit();
+    };
+    // O += P V(stage) over this consumer's d slice (issued, not waited for).
+    auto issue_pv = [&](int stage) {
+      const uint32_t vb = sV_u + stage * Cfg::kKVBytes;
+      fence_acc<kOT>(acc_o);
+      wgmma_fence();
+#pragma unroll
+      for (int rg = 0; rg < kHDw / 64; ++rg) {
+        const int region = dh * (kHDw / 64) + rg;
+#pragma unroll
+        for (int t = 0; t < kNT / 2; ++t) {
+          // MN-major B: 8-key groups 1024 bytes apart (SBO); one 64-column region per instruction.
+          const uint32_t b_addr = vb + region * kBlockN * 128 + t * 16 * 128;
+          wgmma_rs_64x64_tb<kBf16>(&acc_o[rg * 8], pa[t], gmma_desc(b_addr, kBlockN * 128, 1024));
+        }
+      }
+      wgmma_commit();
+    };
+    // The partner consumer holds the other d half of the same S rows: sum the two partials.
+    auto exchange = [&]() {
+      if constexpr (kDSplit > 1) {
+        float* mine = sX + (c * 4 + warp) * 32 * 4 * kNT;
+        const float* theirs = sX + ((1 - c) * 4 + warp) * 32 * 4 * kNT;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+          *reinterpret_cast<float4*>(mine + (j * 32 + lane) * 4) = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
+        named_bar_sync(kBarXchg0, Cfg::kConsumerThreads);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const float4 t = *reinterpret_cast<const float4*>(theirs + (j * 32 + lane) * 4);
+          s[j][0] += t.x; s[j][1] += t.y; s[j][2] += t.z; s[j][3] += t.w;
+        }
+        named_bar_sync(kBarXchg1, Cfg::kConsumerThreads);  // both read before the next write
+      }
+    };
+    // Mask (partial tiles) and online softmax of S(n): S becomes P (fp32), rescale[] the factor
+    // for O, row_max / row_sum updated.
+    auto softmax = [&](int n) {
+      if (classify(n) == TileClass::kPartial) {
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            const int kj = n * kBlockN + j * 8 + 2 * (lane & 3) + cc;
+            const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int dpos = qpos[i] - kj;
+              const bool left = dpos <= wl32;
+              const bool right = -dpos <= wr32;
+              const bool same = kb >= 0 && kb == qblk[i];
+              const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
+              if (!ok) s[j][2 * i + cc] = -INFINITY;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = row_max[i];
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        rescale[i] = row_max[i] == -INFINITY ? 0.f : fast_exp2(row_max[i] * p.scale_log2 - m_use);
+        row_max[i] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            const float x = s[j][2 * i + cc];
+            const float e = x == -INFINITY ? 0.f : fast_exp2(fmaf(x, p.scale_log2, -m_use));
+            s[j][2 * i + cc] = e;
+            sum += e;
+          }
+        }
+        row_sum[i] = row_sum[i] * rescale[i] + sum;
+      }
+    };
+    auto convert_p = [&]() {
+#pragma unroll
+      for (int t = 0; t < kNT / 2; ++t) {
+        pa[t][0] = pack2<kBf16>(s[2 * t][0], s[2 * t][1]);
+        pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
+        pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
+        pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
+      }
+    };
+    // Ping-pong (kDSplit == 1): consumer c issues its MMAs after bar.sync on its turn barrier and
+    // then hands the turn to the other one. Both walk the same key tiles, so their turn counts
+    // match; consumer 1 starts by handing the first turn to consumer 0 and skips its very last
+    // hand-over, which leaves both barriers balanced at exit.
+    constexpr bool kPingPong = Cfg::kPingPong;
+    auto turn_sync = [&]() {
+      if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, Cfg::kConsumerThreads);
+    };
+    auto turn_pass = [&]() {
+      if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, Cfg::kConsumerThreads);
+    };
+
+    if (n_first >= 0) {
+      if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, Cfg::kConsumerThreads);
+      mbarrier_wait_parity(bar_q, 0);
+      if constexpr (Cfg::kQRegs) {
+        // ldmatrix x4 of rows (lane & 15), 16-byte chunks (lane >> 4) of each k16 slice (the
+        // swizzled layout: chunk c of row r at c ^ (r % 8) inside the row's 128 bytes).
+        const int row = row_base + warp * 16 + (lane & 15);
+#pragma unroll
+        for (int ks = 0; ks < kQFrags; ++ks) {
+          const int chunk = (dh * kHDw + ks * 16) / 8 + (lane >> 4);
+          const uint32_t addr =
+              sQ_u + (chunk >> 3) * kBlockM * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+          ldmatrix_x4(addr, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3]);
+        }
+      }
+      // Prologue: S(first).
+      mbarrier_wait_parity(&k_full[0], 0);
+      turn_sync();
+      issue_qk(0);
+      turn_pass();
+      wgmma_wait<0>();
+      fence_acc<kNT>(s);
+      mbarrier_arrive(&k_empty[0]);
+      exchange();
+      softmax(n_first);
+      convert_p();
+      // Steady state: S(nn) = Q K(nn)^T is issued before O += P(n) V(n); the softmax of S(nn)
+      // runs while P(n) V(n) is on the tensor cores. The loop body has no conditional MMA, so
+      // ptxas keeps the wgmma pipeline asynchronous.
+      int n = n_first, it = 0;
+      int nn = next_tile(n - 1);
+#pragma unroll 1
+      while (nn >= 0) {
+        const int st = it % kStages, st1 = (it + 1) % kStages;
+        const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
+        turn_sync();
+        mbarrier_wait_parity(&k_full[st1], ph1);
+        issue_qk(st1);
+        mbarrier_wait_parity(&v_full[st], ph);
+        issue_pv(st);
+        turn_pass();
+        wgmma_wait<1>();
+        fence_acc<kNT>(s);
+        mbarrier_arrive(&k_empty[st1]);
+        exchange();
+        softmax(nn);
+        wgmma_wait<0>();
+        fence_acc<kOT>(acc_o);
+        mbarrier_arrive(&v_empty[st]);
+#pragma unroll
+        for (int j = 0; j < kOT; ++j) {
+          acc_o[j][0] *= rescale[0]; acc_o[j][1] *= rescale[0];
+          acc_o[j][2] *= rescale[1]; acc_o[j][3] *= rescale[1];
+        }
+        convert_p();
+        n = nn;
+        ++it;
+        nn = next_tile(n - 1);
+      }
+      // Last tile: O += P V alone; consumer 1 skips its last hand-over (see above).
+      const int st = it % kStages;
+      turn_sync();
+      mbarrier_wait_parity(&v_full[st], (it / kStages) & 1);
+      issue_pv(st);
+      if (c == 0) turn_pass();
+      wgmma_wait<0>();
+      fence_acc<kOT>(acc_o);
+      mbarrier_arrive(&v_empty[st]);
+    }
+
+    // ---- epilogue: O / l, rows < rows_valid, columns < d ----
+    float inv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float l = row_sum[i];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      inv[i] = l > 0.f ? 1.f / l : 0.f;
+    }
+    T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = r_loc0 + 8 * i;
+      if (r >= rows_valid) continue;
+#pragma unroll
+      for (int j = 0; j < kOT; ++j) {
+        const int col = dh * kHDw + j * 8 + 2 * (lane & 3);
+        *reinterpret_cast<uint32_t*>(gO + r * p.o_row_stride + col) =
+            pack2<kBf16>(acc_o[j][2 * i] * inv[i], acc_o[j][2 * i + 1] * inv[i]);
+      }
+    }
+  }
+}
+
+}  // namespace gemma4x::attention

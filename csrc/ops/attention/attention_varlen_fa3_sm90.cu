@@ -1,0 +1,115 @@
+// Host launcher of the FlashAttention-3-structured prefill kernel (attention_varlen_fa3_sm90.cuh):
+// builds the TMA tensor maps of q, k, v and launches. attention_varlen() has validated p already.
+#include <cudaTypedefs.h>
+
+#include <string>
+
+#include "attention.h"
+#include "gemma4x/attention/attention_varlen_fa3_sm90.cuh"
+#include "gemma4x/common/check.h"
+
+namespace gemma4x::attention {
+namespace {
+
+constexpr const char* kOp = "attention_varlen (fa3)";
+
+// Tile shapes, one CTA per SM (384 threads):
+//  d 256: 128 query rows (2 consumers x 64), 64-key stages, 2 stages: Q 64 KB + 2 x (K 32 + V 32) KB.
+//         The consumers take turns issuing their MMAs; variant bit 1: they run free.
+//  d 512: 64 query rows (2 consumers x half of d), 32-key stages, 2 stages: Q 64 KB + 2 x (32 + 32) KB
+//         + 16 KB partial-S exchange. The first 6 of the 16 k16 slices of each consumer's Q are
+//         held in registers (more spill: O 128 + S 16 + P 8 registers come first); variant bit 1:
+//         Q read from shared memory only. 64-key stages fit only once (64 + 128 + 32 KB): no
+//         prefetch depth, and the registers of S and P double; not built.
+template <typename T, bool kAlt>
+using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1, 0, !kAlt>;
+template <typename T, bool kAlt>
+using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2, kAlt ? 0 : 6>;
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status),
+               "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (status != cudaDriverEntryPointSuccess || ptr == nullptr)
+      throw std::runtime_error(std::string(kOp) + ": the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// Tensor map over a [rows, heads, d] tensor with strides (row, head) in elements: dims (d, heads,
+// rows), box {64, 1, box_rows}, 128-byte swizzle, zero fill past the last row.
+CUtensorMap make_map(const char* name, const void* ptr, bool bf16, int d, int heads, int rows, int64_t row_stride,
+                     int64_t head_stride, int box_rows) {
+  // A stride of a size-1 dimension is never used; the encoder still wants a valid one.
+  if (heads == 1) head_stride = d;
+  if (rows <= 1) row_stride = static_cast<int64_t>(heads) * head_stride;
+  GEMMA4X_CHECK_ARG(head_stride >= d && row_stride >= head_stride, kOp, ": ", name,
+                    " strides (row ", row_stride, ", head ", head_stride,
+                    ") must be ordered row >= head >= head_dim for the TMA tensor map");
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(rows < 1 ? 1 : rows)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride) * 2, static_cast<cuuint64_t>(row_stride) * 2};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode_fn()(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+                                 const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error(std::string(kOp) + ": cuTensorMapEncodeTiled failed for " + name + " (CUresult " +
+                             std::to_string(static_cast<int>(r)) + ")");
+  }
+  return map;
+}
+
+template <class Cfg>
+void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
+  constexpr bool kBf16 = MmaType<typename Cfg::Element>::kBf16;
+  const CUtensorMap tq = make_map("q", p.q, kBf16, p.head_dim, p.num_heads, p.total_q, p.q_row_stride,
+                                  p.q_head_stride, Cfg::kBlockM);
+  const CUtensorMap tk = make_map("k", p.k, kBf16, p.head_dim, p.num_kv_heads, p.total_k, p.k_row_stride,
+                                  p.k_head_stride, Cfg::kBlockN);
+  const CUtensorMap tv = make_map("v", p.v, kBf16, p.head_dim, p.num_kv_heads, p.total_k, p.v_row_stride,
+                                  p.v_head_stride, Cfg::kBlockN);
+  auto kernel = attention_varlen_fa3_kernel<Cfg>;
+  static bool configured = false;  // the attribute is per function; set it once
+  if (!configured) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+               "cudaFuncSetAttribute(attention_varlen_fa3)");
+    configured = true;
+  }
+  const dim3 grid(p.num_heads, p.tiles_bound);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, tq, tk, tv);
+  check_launch("attention_varlen_fa3_kernel");
+}
+
+template <typename T, typename F>
+bool with_fa3_config(int head_dim, int variant, F&& f) {
+  const bool alt = variant & 2;
+  switch (head_dim) {
+    case 256: alt ? f(Fa3Cfg256<T, true>{}) : f(Fa3Cfg256<T, false>{}); return true;
+    case 512: alt ? f(Fa3Cfg512<T, true>{}) : f(Fa3Cfg512<T, false>{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+int attention_varlen_fa3_block_m(int head_dim, int variant) {
+  int block_m = 0;
+  with_fa3_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
+  return block_m;
+}
+
+void attention_varlen_fa3(const AttentionVarlenParams& p, DType dtype, int variant, cudaStream_t stream) {
+  auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
+  const bool ok = dtype == DType::kBFloat16 ? with_fa3_config<__nv_bfloat16>(p.head_dim, variant, run)
+                                            : with_fa3_config<__half>(p.head_dim, variant, run);
+  GEMMA4X_CHECK_ARG(ok, kOp, ": head_dim must be 256 or 512, got ", p.head_dim);
+}
+
+}  // namespace gemma4x::attention
