@@ -10,6 +10,10 @@ its default experts implementation, grouped_mm) loaded from the same files. The 
 never resident together, so 31B fits one H200.
 
     python bench/e2e/bench_generate.py --models e2b 26b-a4b [--decode-tokens 32] [--no-hf]
+        [--hf-models 26b-a4b] [--quantize none nvfp4]
+
+``--quantize nvfp4`` also runs gemma4x with the experts quantized to NVFP4 at load (the same
+weights, W4A16 kernels on SM90); ``--hf-models`` limits the HF runs to some of the models.
 """
 
 from __future__ import annotations
@@ -70,16 +74,19 @@ def measure(generate, label: str, decode_tokens: int, report: Report, impl: str,
                    tok_s_per_seq=1 / step, tok_s_total=batch / step)
 
 
-def run_gemma4x(path: str, name: str, decode_tokens: int, report: Report) -> None:
+def run_gemma4x(path: str, name: str, decode_tokens: int, report: Report, quantize: str | None = None) -> None:
     t0 = time.perf_counter()
-    rt = Gemma4Runtime.from_pretrained(path, device="cuda", dtype=torch.bfloat16, max_batch_size=8, max_seq_len=2048)
+    rt = Gemma4Runtime.from_pretrained(
+        path, device="cuda", dtype=torch.bfloat16, max_batch_size=8, max_seq_len=2048, quantize=quantize
+    )
     rt.eos_token_ids = ()  # random weights: never stop early
-    print(f"gemma4x {name}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    impl = "gemma4x" if quantize is None else f"gemma4x-{quantize}"
+    print(f"{impl} {name}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def generate(ps, n):
         return rt.generate(ps, max_new_tokens=n)
 
-    measure(generate, f"gemma4x {name}", decode_tokens, report, "gemma4x", name)
+    measure(generate, f"{impl} {name}", decode_tokens, report, impl, name)
     del rt
 
 
@@ -108,6 +115,8 @@ def main():
     p.add_argument("--models", nargs="+", default=["e2b", "26b-a4b", "31b"])
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--hf-models", nargs="+", default=None, help="run HF only for these models (default: all)")
+    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "nvfp4", "nvfp4-all"])
     p.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
     args = p.parse_args()
 
@@ -119,10 +128,13 @@ def main():
             t0 = time.perf_counter()
             checkpoint.write_random_checkpoint(path, cfg, device="cuda", max_shard_bytes=4 << 30, progress=False)
             print(f"{name}: wrote random checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
-            run_gemma4x(path, name, args.decode_tokens, report)
-            gc.collect()
-            torch.cuda.empty_cache()
-            if not args.no_hf:
+            for q in args.quantize:
+                if q == "nvfp4" and not cfg["text_config"].get("enable_moe_block", False):
+                    continue  # experts-only NVFP4: nothing to quantize in a dense model
+                run_gemma4x(path, name, args.decode_tokens, report, None if q == "none" else q)
+                gc.collect()
+                torch.cuda.empty_cache()
+            if not args.no_hf and (args.hf_models is None or name in args.hf_models):
                 run_hf(path, name, args.decode_tokens, report)
                 gc.collect()
                 torch.cuda.empty_cache()
