@@ -22,6 +22,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_nvfp4(nvfp4);
   auto moe_prefill = m.def_submodule("moe_prefill", "MoE prefill: CUTLASS grouped GEMMs (sm_90a builds only; has_sm90 says)");
   gemma4x::bindings::register_moe_prefill(moe_prefill);
+  auto kv_cache = m.def_submodule("kv_cache", "decode-step KV-cache writes (K, V, ring positions in one launch)");
+  gemma4x::bindings::register_kv_cache(kv_cache);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

@@ -121,9 +121,27 @@ class _DecodeView:
         c = self.cache
         kc, vc, rp = c.k[layer], c.v[layer], c.ring_pos[layer]
         pos = positions[:, 0]
-        rows = pos if rp is None else pos % kc.shape[1]  # full: row = position; ring: p % R
-        kc[self.slots, rows] = k[:, 0]
-        vc[self.slots, rows] = v[:, 0]
-        if rp is not None:
-            rp[self.slots, rows] = pos
+        if _fused_write_ok(kc, k[:, 0], v[:, 0]):  # one kernel for K, V and the ring positions
+            from gemma4x.ops.kv_cache import kv_cache_write
+
+            kv_cache_write(kc, vc, rp, k[:, 0], v[:, 0], self.slots, pos)
+        else:
+            rows = pos if rp is None else pos % kc.shape[1]  # full: row = position; ring: p % R
+            kc[self.slots, rows] = k[:, 0]
+            vc[self.slots, rows] = v[:, 0]
+            if rp is not None:
+                rp[self.slots, rows] = pos
         return CachedKV(kc, vc, rp, None if self.contiguous else self.slots, self.kv_len)
+
+
+def _fused_write_ok(k_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The CUDA KV-cache write applies: a CUDA cache, the extension built, 16-byte rows."""
+    if not k_cache.is_cuda or k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
+        return False
+    from gemma4x.ops import cuda_kernels_available
+
+    if not cuda_kernels_available():
+        return False
+    from gemma4x.ops.kv_cache import supported
+
+    return supported(k_cache, k, v)
