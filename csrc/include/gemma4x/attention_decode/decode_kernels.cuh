@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "gemma4x/attention_decode/params.h"
+#include "gemma4x/common/pdl.cuh"
 
 namespace gemma4x::attention_decode {
 
@@ -58,19 +59,6 @@ struct Tile {
 template <int D>
 __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
-// Programmatic dependent launch (sm_90+; no-ops in a launch without the attribute): wait for
-// the previous kernel on the stream before reading what it wrote; let the next one launch.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dependency_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

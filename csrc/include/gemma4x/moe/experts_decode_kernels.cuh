@@ -33,7 +33,7 @@
 
 #include "gemma4x/common/vec.cuh"
 #include "gemma4x/moe/params.h"
-#include "gemma4x/moe/pdl.cuh"
+#include "gemma4x/common/pdl.cuh"
 
 namespace gemma4x::moe {
 

@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "gemma4x/common/pdl.cuh"
 #include "gemma4x/nvfp4/params.h"
 
 namespace gemma4x::nvfp4 {
@@ -37,9 +38,6 @@ namespace gemma4x::nvfp4 {
 constexpr int kScaleExp = 118;  // block scales enter bf16 as s * 2^118 (448 * 2^118 < 2^127)
 constexpr float kAccScale = 256.f;  // 2^(126 - 118): what the accumulator still owes
 
-// Programmatic dependent launch (see gemma4x/moe/pdl.cuh): no-ops without the launch attribute.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 // Weights are read exactly once: keep them out of L1.
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
@@ -179,9 +177,9 @@ __global__ void __launch_bounds__(kGemvThreads) nvfp4_w4a16_gemv_kernel(const __
   float acc[NT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-  pdl_wait();
+  grid_dependency_wait();
   stream_units<NT, stream_depth<NT>()>(blk, split * kGemvWarps + warp, units, p.splits * kGemvWarps, xr, lane, acc);
-  pdl_trigger();
+  grid_dependency_trigger();
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -259,8 +257,8 @@ __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(_
 // tile. The 4 warps split H; warp 0 sums their tiles in a fixed order.
 __global__ void __launch_bounds__(32 * kGateUpWarps) nvfp4_moe_gate_up_kernel(const __grid_constant__ MoeDecodeParams p) {
   __shared__ float red[kGateUpWarps][4 * 32];
-  pdl_wait();  // the routing comes from the previous kernel
-  pdl_trigger();
+  grid_dependency_wait();  // the routing comes from the previous kernel
+  grid_dependency_trigger();
   const int blocks_i = p.inter / 8;
   const int q = blockIdx.x / blocks_i;
   const int b = blockIdx.x % blocks_i;
@@ -359,7 +357,7 @@ __global__ void __launch_bounds__(32 * kDownWarps) nvfp4_moe_down_kernel(const _
     const uint8_t* blk = p.down + (e * blocks_h + blockIdx.x) * static_cast<int64_t>(units) * kUnitBytes;
     for (int off = lane * 128; off < units * kUnitBytes; off += 32 * 128) prefetch_l2(blk + off);
   }
-  pdl_wait();  // act is the previous kernel's output
+  grid_dependency_wait();  // act is the previous kernel's output
 
   const __nv_bfloat16* act = static_cast<const __nv_bfloat16*>(p.act);
   for (int gi = warp; gi < n_leaders; gi += kDownWarps) {

@@ -5,7 +5,7 @@
 // no-ops in a kernel launched without the attribute.
 #pragma once
 
-namespace gemma4x::moe {
+namespace gemma4x {
 
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -19,4 +19,4 @@ __device__ __forceinline__ void grid_dependency_trigger() {
 #endif
 }
 
-}  // namespace gemma4x::moe
+}  // namespace gemma4x
