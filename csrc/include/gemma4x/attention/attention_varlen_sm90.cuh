@@ -34,6 +34,7 @@
 #include <cstdint>
 
 #include "gemma4x/attention/params.h"
+#include "gemma4x/attention/tile_class.h"
 
 namespace gemma4x::attention {
 
@@ -250,10 +251,6 @@ __device__ __forceinline__ void load_tile(typename Cfg::Element* smem, const typ
   }
 }
 
-struct TileClass {
-  static constexpr int kSkip = 0, kPartial = 1, kFull = 2;
-};
-
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_varlen_kernel(const __grid_constant__ AttentionVarlenParams p) {
@@ -326,12 +323,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
   const int n_lo = static_cast<int>(s_min / kBlockN);
 
+  const QueryTileSummary tile_q{p_lo, p_hi, wl, wr, qbmin, qbmax, p.unified};
   auto classify = [&](int n) -> int {
     const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
     const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
-    const bool left_none = p_lo - s1 > wl;   // every pair violates the left bound
-    const bool right_none = s0 - p_hi > wr;  // every pair violates the right bound
-    const bool all = (s1 - p_lo <= wr) && (p_hi - s0 <= wl) && (s0 + kBlockN <= Lk);
     bool overlap = false;
     if (blocks_right) {
       const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
@@ -340,14 +335,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       const int kmax = max(p.kb_max[c0], p.kb_max[c1]);
       overlap = kmin <= qbmax && qbmin <= kmax;
     }
-    if (all) return TileClass::kFull;
-    if (p.unified) {
-      if (overlap) return TileClass::kPartial;
-      return (left_none || right_none) ? TileClass::kSkip : TileClass::kPartial;
-    }
-    if (left_none) return TileClass::kSkip;
-    if (right_none) return overlap ? TileClass::kPartial : TileClass::kSkip;
-    return TileClass::kPartial;
+    return classify_key_tile(tile_q, s0, s1, s0 + kBlockN <= Lk, overlap);
   };
   // Next tile at or below n that is not skipped, or -1.
   auto next_tile = [&](int n) -> int {
