@@ -55,3 +55,18 @@ def check_same_shape(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref
 def check_cuda(op: str, name: str, t: torch.Tensor) -> None:
     if t.device.type != "cuda":
         raise ValueError(f"{op}: {name} must be a CUDA tensor, got device {t.device} (use gemma4x.reference on CPU)")
+
+
+def check_tensor(op: str, name: str, t: torch.Tensor, shape, dtype, device, *, contiguous: bool = True) -> None:
+    """Shape, dtype (one, a tuple of allowed ones, or None for any), device and contiguity of ``t``."""
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            names = " or ".join(_fmt_dtype(d) for d in allowed)
+            raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {names}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")

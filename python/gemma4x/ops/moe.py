@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_weight
+from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_tensor, check_weight
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
 from gemma4x.ops._launch import as_rows, on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
@@ -62,18 +62,6 @@ PREFILL_MAX_TOP_K = 32
 PREFILL_TILES = (0, 1, 2)
 
 
-def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list[int], dtype, device, *, contiguous: bool) -> None:
-    if list(t.shape) != shape:
-        raise ValueError(f"{op}: {name} must have shape {shape}, got {list(t.shape)}")
-    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
-        names = " or ".join(_fmt_dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
-        raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {names}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
-
-
 def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:
     op = "moe_router"
     dtype_code(h, f"{op}: h")
@@ -82,14 +70,14 @@ def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:
     if proj_weight.dim() != 2:
         raise ValueError(f"{op}: proj_weight must be [E, H={H}], got shape {list(proj_weight.shape)}")
     E = proj_weight.shape[0]
-    _check_tensor(op, "proj_weight", proj_weight, [E, H], h.dtype, h.device, contiguous=True)
+    check_tensor(op, "proj_weight", proj_weight, [E, H], h.dtype, h.device, contiguous=True)
     if not 1 <= E <= ROUTER_MAX_EXPERTS:
         raise ValueError(f"{op}: experts E must be in [1, {ROUTER_MAX_EXPERTS}], got {E}")
     vec = 16 // h.element_size()
     if H % vec != 0 or H > ROUTER_MAX_HIDDEN:
         raise ValueError(f"{op}: hidden size H must be a multiple of {vec} and <= {ROUTER_MAX_HIDDEN}, got {H}")
     check_weight(op, "scale", scale, h)
-    _check_tensor(op, "per_expert_scale", per_expert_scale, [E], (h.dtype, torch.float32), h.device, contiguous=True)
+    check_tensor(op, "per_expert_scale", per_expert_scale, [E], (h.dtype, torch.float32), h.device, contiguous=True)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(ROUTER_MAX_TOP_K, E):
         raise ValueError(f"{op}: top_k must be an int in [1, min({ROUTER_MAX_TOP_K}, E={E})], got {top_k!r}")
     check_float_scalar(op, "eps", eps)
@@ -105,13 +93,13 @@ def _check_experts(x, idx, weights, gate_up_proj, down_proj) -> None:
     if idx.dim() != 2 or idx.shape[0] != T:
         raise ValueError(f"{op}: idx must be [T={T}, k], got shape {list(idx.shape)}")
     k = idx.shape[1]
-    _check_tensor(op, "idx", idx, [T, k], torch.int64, x.device, contiguous=False)
-    _check_tensor(op, "weights", weights, [T, k], torch.float32, x.device, contiguous=False)
+    check_tensor(op, "idx", idx, [T, k], torch.int64, x.device, contiguous=False)
+    check_tensor(op, "weights", weights, [T, k], torch.float32, x.device, contiguous=False)
     if gate_up_proj.dim() != 3 or gate_up_proj.shape[2] != H or gate_up_proj.shape[1] % 2 != 0:
         raise ValueError(f"{op}: gate_up_proj must be [E, 2I, H={H}], got shape {list(gate_up_proj.shape)}")
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
-    _check_tensor(op, "gate_up_proj", gate_up_proj, [E, 2 * I, H], x.dtype, x.device, contiguous=False)
-    _check_tensor(op, "down_proj", down_proj, [E, H, I], x.dtype, x.device, contiguous=False)
+    check_tensor(op, "gate_up_proj", gate_up_proj, [E, 2 * I, H], x.dtype, x.device, contiguous=False)
+    check_tensor(op, "down_proj", down_proj, [E, H, I], x.dtype, x.device, contiguous=False)
 
 
 def decode_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:

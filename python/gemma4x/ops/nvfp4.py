@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from gemma4x.ops._checks import _fmt_dtype, check_cuda
+from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_tensor
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
 from gemma4x.ops._launch import on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
@@ -66,17 +66,6 @@ __all__ = [
     "w4a16_pack",
     "w4a16_unpack",
 ]
-
-
-def _check_tensor(op: str, name: str, t: torch.Tensor, shape: list, dtype, device, *, contiguous: bool = True) -> None:
-    if list(t.shape) != list(shape):
-        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {_fmt_dtype(dtype)}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
 
 
 def _packed_shape(op: str, name: str, packed: torch.Tensor, lead: int) -> tuple[int, int]:
@@ -206,7 +195,7 @@ def _check_dequantize(packed, global_scale, dtype, interleave_gate_up) -> tuple[
     g_ok = list(global_scale.shape) == want or (not interleave_gate_up and global_scale.numel() == 1)
     if not g_ok:
         raise ValueError(f"{op}: global_scale must have shape {want}, got {list(global_scale.shape)}")
-    _check_tensor(op, "global_scale", global_scale, list(global_scale.shape), torch.float32, packed.device)
+    check_tensor(op, "global_scale", global_scale, list(global_scale.shape), torch.float32, packed.device)
     g_stride = 0 if global_scale.numel() == 1 else (2 if interleave_gate_up else 1)
     return batches, rows, K, g_stride
 
@@ -335,8 +324,8 @@ def _check_moe(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2) ->
     if idx.dim() != 2 or idx.shape[0] != T:
         raise ValueError(f"{op}: idx must be [T={T}, k], got shape {list(idx.shape)}")
     k = idx.shape[1]
-    _check_tensor(op, "idx", idx, [T, k], torch.int64, x.device, contiguous=False)
-    _check_tensor(op, "weights", weights, [T, k], torch.float32, x.device, contiguous=False)
+    check_tensor(op, "idx", idx, [T, k], torch.int64, x.device, contiguous=False)
+    check_tensor(op, "weights", weights, [T, k], torch.float32, x.device, contiguous=False)
     if gate_up.dim() != 4:
         raise ValueError(f"{op}: gate_up must be the packed [E, 2I/16, H/64, 576] uint8, got shape {list(gate_up.shape)}")
     I2, Hg = _packed_shape(op, "gate_up", gate_up, 1)
@@ -356,8 +345,8 @@ def _check_moe(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2) ->
     for name, t in (("gate_up", gate_up), ("down", down)):
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {x.device}")
-    _check_tensor(op, "gate_up_scale_2", gate_up_scale_2, [E, 2], torch.float32, x.device)
-    _check_tensor(op, "down_scale_2", down_scale_2, [E], torch.float32, x.device)
+    check_tensor(op, "gate_up_scale_2", gate_up_scale_2, [E, 2], torch.float32, x.device)
+    check_tensor(op, "down_scale_2", down_scale_2, [E], torch.float32, x.device)
     return T, H, k, E, I
 
 
