@@ -27,13 +27,19 @@ N_MULTIPLE = 8
 _OP = "nvfp4_gemm"
 
 
-def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: list, what: str) -> None:
+def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, shape: list, what: str, op: str = _OP) -> None:
     if t.dtype != dtype:
-        raise TypeError(f"{_OP}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {_fmt_dtype(dtype)}")
+        raise TypeError(f"{op}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {_fmt_dtype(dtype)}")
     if list(t.shape) != shape:
-        raise ValueError(f"{_OP}: {name} has shape {list(t.shape)}, expected {what}")
+        raise ValueError(f"{op}: {name} has shape {list(t.shape)}, expected {what}")
     if not t.is_contiguous():
-        raise ValueError(f"{_OP}: {name} must be contiguous, got strides {list(t.stride())}")
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
+
+
+def _check_devices(op: str, a: torch.Tensor, named: dict[str, torch.Tensor]) -> None:
+    for name, t in named.items():
+        if t.device != a.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {a.device} (as a)")
 
 
 def _check(a, a_scale, b, b_scale, alpha) -> tuple[int, int, int]:
@@ -72,14 +78,7 @@ def _check(a, a_scale, b, b_scale, alpha) -> tuple[int, int, int]:
             f"{_OP}: alpha must be a one-element float32 tensor (input_scale * weight_scale_2), "
             f"got {_fmt_dtype(alpha.dtype)} {list(alpha.shape)}"
         )
-    for name, t in (
-        ("b", b),
-        ("a_scale", a_scale),
-        ("b_scale", b_scale),
-        ("alpha", alpha),
-    ):
-        if t.device != a.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device}, expected {a.device} (as a)")
+    _check_devices(_OP, a, {"b": b, "a_scale": a_scale, "b_scale": b_scale, "alpha": alpha})
     return M, N, K
 
 
@@ -179,12 +178,7 @@ def _check_grouped(a, a_scale, row_offsets, b, b_scale, alpha) -> tuple[int, int
         ("row_offsets", row_offsets, torch.int32, [E + 1], f"[groups + 1] = [{E + 1}]"),
         ("alpha", alpha, torch.float32, [E], f"[groups] = [{E}] (input_scale * weight_scale_2 per expert)"),
     ):
-        if t.dtype != dtype:
-            raise TypeError(f"{_GOP}: {name} has dtype {_fmt_dtype(t.dtype)}, expected {_fmt_dtype(dtype)}")
-        if list(t.shape) != shape:
-            raise ValueError(f"{_GOP}: {name} has shape {list(t.shape)}, expected {what}")
-        if not t.is_contiguous():
-            raise ValueError(f"{_GOP}: {name} must be contiguous, got strides {list(t.stride())}")
+        _check_tensor(name, t, dtype, shape, what, _GOP)
     if E == 0:
         raise ValueError(f"{_GOP}: b has no groups (experts)")
     if K == 0 or K % K_MULTIPLE:
@@ -198,21 +192,10 @@ def _check_grouped(a, a_scale, row_offsets, b, b_scale, alpha) -> tuple[int, int
           "(gemma4x.reference.quant.nvfp4_swizzle_scales_grouped(..., size=...))")),
         ("b_scale", b_scale, [E, nvfp4_swizzled_size(N, kb)], f"[groups, nvfp4_swizzled_size(N={N}, K/16={kb})]"),
     ):  # fmt: skip
-        if t.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"{_GOP}: {name} has dtype {_fmt_dtype(t.dtype)}, expected float8_e4m3fn")
-        if list(t.shape) != shape:
-            raise ValueError(f"{_GOP}: {name} has shape {list(t.shape)}, expected {shape}: {what}")
-        if not t.is_contiguous():
-            raise ValueError(f"{_GOP}: {name} must be contiguous, got strides {list(t.stride())}")
-    for name, t in (
-        ("a_scale", a_scale),
-        ("row_offsets", row_offsets),
-        ("b", b),
-        ("b_scale", b_scale),
-        ("alpha", alpha),
-    ):
-        if t.device != a.device:
-            raise ValueError(f"{_GOP}: {name} is on {t.device}, expected {a.device} (as a)")
+        _check_tensor(name, t, torch.float8_e4m3fn, shape, f"{shape}: {what}", _GOP)
+    _check_devices(
+        _GOP, a, {"a_scale": a_scale, "row_offsets": row_offsets, "b": b, "b_scale": b_scale, "alpha": alpha}
+    )
     return M, E, N, K
 
 
