@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4x.ops.nvfp4 import nvfp4_quantize as nvfp4_quantize_cuda
 from gemma4x.reference.activation import gelu_tanh
 from gemma4x.reference.quant import (
     NVFP4_BLOCK,
@@ -97,7 +98,9 @@ def prepare_sm100_experts(
 def _quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, row_offsets: list[int], groups: int):
     """NVFP4 activations in the grouped GEMM's layout: (codes, grouped swizzled scales, input scale)."""
     s = nvfp4_global_scale(x.float().abs().amax()) if input_scale is None else input_scale.to(x.device)
-    codes, scale, _ = nvfp4_quantize(x, s.reshape(()))
+    # One CUDA kernel on the GPU (bit-identical to the reference quantizer used elsewhere).
+    quantize = nvfp4_quantize_cuda if x.is_cuda else nvfp4_quantize
+    codes, scale, _ = quantize(x, s.reshape(()))
     size = nvfp4_grouped_scale_capacity(x.shape[0], groups, x.shape[1] // NVFP4_BLOCK)
     return codes, nvfp4_swizzle_scales_grouped(scale, row_offsets, size=size), s.reshape(())
 
