@@ -127,15 +127,13 @@ def _rows(h) -> int:
     return h.numel() // h.shape[-1]
 
 
-def _decode_candidate(x, idx, gate_up_proj, down_proj) -> bool:
-    """decode_supported() for well-formed tensors; False for anything else (the reference path's
-    checks then name the problem)."""
+def _kernel_candidate(x, idx, gate_up_proj, down_proj) -> bool:
+    """Tensors on CUDA with the ranks the kernel paths read shapes from; anything else goes to the
+    reference path, whose checks then name the problem."""
     tensors = (x, idx, gate_up_proj, down_proj)
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return False
-    if not x.is_cuda or x.dim() != 2 or idx.dim() != 2 or gate_up_proj.dim() != 3:
-        return False
-    return decode_supported(x, idx, gate_up_proj, down_proj)
+    return x.is_cuda and x.dim() == 2 and idx.dim() == 2 and gate_up_proj.dim() == 3
 
 
 def _aligned_rows(t: torch.Tensor, name: str, op: str, vec: int) -> tuple[torch.Tensor, int]:
@@ -413,12 +411,13 @@ def moe_experts(
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
-    # Validated once, by whichever path runs: the decode op checks its arguments itself, and
-    # anything malformed goes to the checks below.
-    if _decode_candidate(x, idx, gate_up_proj, down_proj):
-        return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
+    # Validated once, by whichever path runs: the decode and prefill ops check their arguments
+    # themselves, and anything else goes to the checks below.
+    if _kernel_candidate(x, idx, gate_up_proj, down_proj):
+        if decode_supported(x, idx, gate_up_proj, down_proj):
+            return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
+        if prefill_supported(x, idx, gate_up_proj, down_proj) and prefill_device_ok(x.device):
+            return torch.ops.gemma4x.moe_experts_prefill(x, idx, weights, gate_up_proj, down_proj)
     _check_experts(x, idx, weights, gate_up_proj, down_proj)
     check_cuda("moe_experts", "x", x)
-    if prefill_supported(x, idx, gate_up_proj, down_proj) and prefill_device_ok(x.device):
-        return torch.ops.gemma4x.moe_experts_prefill(x, idx, weights, gate_up_proj, down_proj)
     return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)
