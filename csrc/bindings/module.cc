@@ -24,6 +24,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_moe_prefill(moe_prefill);
   auto kv_cache = m.def_submodule("kv_cache", "decode-step KV-cache writes (K, V, ring positions in one launch)");
   gemma4x::bindings::register_kv_cache(kv_cache);
+  auto rope = m.def_submodule("rope", "attention inputs: per-head RMSNorm of q, k, v and RoPE of q, k in one launch");
+  gemma4x::bindings::register_rope(rope);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

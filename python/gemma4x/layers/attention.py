@@ -25,10 +25,9 @@ from torch import nn
 
 from gemma4x.config import TextConfig
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import make_linear
+from gemma4x.layers.linear import FusedLinear, make_linear
 from gemma4x.layers.norm import RMSNorm
 from gemma4x.reference.attention_decode import dense_kv
-
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,35 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = linear("o_proj", nH * d, H)
+        self.fused_qkv: FusedLinear | None = None  # set by fuse_projections_()
+
+    def fuse_projections_(self) -> bool:
+        """Compute q, k (and v) with one GEMM on the GPU path (see ``FusedLinear``); False if not fusable."""
+        if self.is_reuse:
+            return False
+        names = ("q_proj", "k_proj", "v_proj") if self.v_proj is not None else ("q_proj", "k_proj")
+        self.fused_qkv = FusedLinear.fuse(self, names)
+        return self.fused_qkv is not None
+
+    def _project(self, x: torch.Tensor, native: bool):
+        """Raw q, k, v ``[B, T, heads, d]`` (k, v None on KV-shared layers; v is k when Wk serves both)."""
+        B, T, _ = x.shape
+        d = self.head_dim
+        fused = self.fused_qkv
+        if fused is not None and not native and x.is_cuda and fused.valid():
+            parts = fused(x)  # column slices of one GEMM output: qkv_norm_rope reads them in place
+        else:
+            parts = [self.q_proj(x)]
+            if not self.is_reuse:
+                parts.append(self.k_proj(x))
+                if self.v_proj is not None:
+                    parts.append(self.v_proj(x))
+        q = parts[0].view(B, T, self.num_heads, d)
+        if self.is_reuse:
+            return q, None, None
+        k = parts[1].view(B, T, self.num_kv_heads, d)
+        v = parts[2].view(B, T, self.num_kv_heads, d) if len(parts) == 3 else k
+        return q, k, v
 
     def _run(
         self,
@@ -110,18 +138,16 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         ops = ops_for(x, native)
         B, T, _ = x.shape
-        d = self.head_dim
-        q = self.q_proj(x).view(B, T, self.num_heads, d)
-        q = ops.apply_rope(ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps), cos, sin)
+        q, k_raw, v_raw = self._project(x, native)
         if self.is_reuse:
             if shared is None:
                 raise RuntimeError(f"layer {self.layer} reuses KV but its producer stored none in this forward")
+            q, _, _ = ops.qkv_norm_rope(q, None, None, self.q_norm.weight, None, cos, sin, self.q_norm.eps)
             keys = shared
         else:
-            k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, d)
-            v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, d) if self.v_proj is not None else k_raw
-            k = ops.apply_rope(ops.rms_norm(k_raw, self.k_norm.weight, self.k_norm.eps), cos, sin)
-            v = ops.rms_norm(v_raw, None, self.v_norm.eps)
+            q, k, v = ops.qkv_norm_rope(
+                q, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps
+            )
             keys = kv.update(self.layer, k, v, positions)
         if isinstance(keys, CachedKV):
             if self.window_right != 0:

@@ -29,6 +29,7 @@ REFERENCE = SimpleNamespace(
     fused_add_rms_norm=_norm.fused_add_rms_norm,
     moe_tail_norm=_norm.moe_tail_norm,
     apply_rope=_rope.apply_rope,
+    qkv_norm_rope=_rope.qkv_norm_rope,
     attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
     attention_decode=_attn_decode.attention_decode_sdpa,  # decode over the cache: the same SDPA
     gelu_tanh=_act.gelu_tanh,
@@ -45,6 +46,7 @@ def _cuda_namespace() -> SimpleNamespace:
         fused_add_rms_norm=ops.fused_add_rms_norm,
         moe_tail_norm=ops.moe_tail_norm,
         apply_rope=_rope.apply_rope,
+        qkv_norm_rope=ops.qkv_norm_rope_or_reference,  # q/k/v norms + RoPE in one launch
         # Prompt prefill goes to the sm_90a varlen kernel (with_prefill_kernel, in ops_for); any
         # other multi-token attention, and other GPUs, run SDPA with an explicit mask.
         attention=_attn.attention_sdpa_single_query,

@@ -143,6 +143,66 @@ def as_quant_param(t: torch.Tensor) -> nn.Parameter:
     return p
 
 
+class FusedLinear:
+    """Plain ``Linear`` layers that read one input, computed as one GEMM.
+
+    :meth:`fuse` concatenates their weights (and biases) along the output dimension into one
+    new storage and rebinds each layer's weight to a view of it, so memory does not grow and the
+    layers keep working on their own (``forward_native``, checkpoints). At decode a GEMM per
+    layer costs a launch and, at one token, runs far below the memory bandwidth on a few MB of
+    weights; one GEMM over q/k/v (or gate/up) streams the same bytes in one launch.
+
+    Not a module: it owns no parameters of its own. If a layer is replaced (``quantize_``) or its
+    weight is moved (``Module.to``), :meth:`valid` turns false and callers go back to the layers.
+    """
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...], weight: torch.Tensor, bias: torch.Tensor | None):
+        self.owner = owner
+        self.names = names
+        self.weight = weight
+        self.bias = bias
+        self.sizes = [getattr(owner, n).out_features for n in names]
+        self._views = [getattr(owner, n).weight for n in names]
+
+    @classmethod
+    @torch.no_grad()
+    def fuse(cls, owner: nn.Module, names: tuple[str, ...]) -> FusedLinear | None:
+        """Fuse ``owner``'s linears ``names`` (all plain ``Linear``, same device/dtype/bias-ness), else None."""
+        mods = [getattr(owner, n, None) for n in names]
+        if len(mods) < 2 or not all(type(m) is Linear for m in mods):
+            return None
+        first = mods[0].weight
+        if any(m.weight.device != first.device or m.weight.dtype != first.dtype for m in mods):
+            return None
+        has_bias = mods[0].bias is not None
+        if any((m.bias is not None) != has_bias for m in mods):
+            return None
+        weight = torch.cat([m.weight for m in mods])
+        bias = torch.cat([m.bias for m in mods]) if has_bias else None
+        row = 0
+        for m in mods:
+            n = m.out_features
+            m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+            if has_bias:
+                m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+            row += n
+        return cls(owner, names, weight, bias)
+
+    def valid(self) -> bool:
+        """The layers still are the ones fused, their weights still views of the fused storage."""
+        row = 0
+        for name, view in zip(self.names, self._views):
+            m = getattr(self.owner, name, None)
+            if m is None or getattr(m, "weight", None) is not view or view.data_ptr() != self.weight[row].data_ptr():
+                return False
+            row += view.shape[0]
+        return True
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output, as column slices of one ``[..., sum(out)]`` GEMM output."""
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
 def make_linear(
     in_features: int,
     out_features: int,
@@ -158,4 +218,4 @@ def make_linear(
     return Linear(in_features, out_features, bias)
 
 
-__all__ = ["Linear", "NVFP4Linear", "as_quant_param", "make_linear", "quant_param", "quantize_nvfp4"]
+__all__ = ["FusedLinear", "Linear", "NVFP4Linear", "as_quant_param", "make_linear", "quant_param", "quantize_nvfp4"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
-from gemma4x.layers.linear import make_linear
+from gemma4x.layers.linear import FusedLinear, make_linear
 
 
 class GegluMLP(nn.Module):
@@ -33,10 +33,21 @@ class GegluMLP(nn.Module):
         self.gate_proj = linear("gate_proj", H, I)
         self.up_proj = linear("up_proj", H, I)
         self.down_proj = linear("down_proj", I, H)
+        self.fused_gate_up: FusedLinear | None = None  # set by fuse_projections_()
+
+    def fuse_projections_(self) -> bool:
+        """Compute gate and up with one GEMM on the GPU path (see ``FusedLinear``); False if not fusable."""
+        self.fused_gate_up = FusedLinear.fuse(self, ("gate_proj", "up_proj"))
+        return self.fused_gate_up is not None
 
     def _run(self, x: torch.Tensor, native: bool) -> torch.Tensor:
         ops = ops_for(x, native)
-        return self.down_proj(ops.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        fused = self.fused_gate_up
+        if fused is not None and not native and x.is_cuda and fused.valid():
+            gate, up = fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.gelu_tanh(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, native=False)

@@ -227,6 +227,19 @@ class Gemma4TextModel(nn.Module):
             self.config, nvfp4_modules=quant.modules, nvfp4_group_size=quant.group_size, nvfp4_input_scales=False
         )
 
+    def fuse_projections_(self) -> int:
+        """Let each layer compute q/k/v and the MLP's gate/up as one GEMM each on the GPU path.
+
+        Weights stay where they are (each projection's weight becomes a view of the fused
+        storage), so memory does not grow and ``forward_native`` is unchanged; NVFP4 projections
+        are left as they are. Returns how many groups were fused.
+        """
+        fused = 0
+        for layer in self.layers:
+            fused += layer.self_attn.fuse_projections_()
+            fused += layer.mlp.fuse_projections_()
+        return fused
+
     # ---- forward -----------------------------------------------------------------------
 
     def _mm_ids(self, device: torch.device) -> torch.Tensor:

@@ -12,6 +12,7 @@ from gemma4x.ops.gemm import nvfp4_gemm, nvfp4_grouped_gemm
 from gemma4x.ops.kv_cache import kv_cache_write
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
+from gemma4x.ops.rope import qkv_norm_rope, qkv_norm_rope_or_reference
 from gemma4x.ops.nvfp4 import nvfp4_quantize, w4a16_dequantize, w4a16_gemm, w4a16_moe_experts
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "nvfp4_gemm",
     "nvfp4_grouped_gemm",
     "nvfp4_quantize",
+    "qkv_norm_rope",
+    "qkv_norm_rope_or_reference",
     "rms_norm",
     "w4a16_dequantize",
     "w4a16_gemm",

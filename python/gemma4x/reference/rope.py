@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from gemma4x.reference.norm import rms_norm
+
 
 def rope_inv_freq(
     head_dim: int,
@@ -55,3 +57,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos = cos.unsqueeze(-2)
     sin = sin.unsqueeze(-2)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def qkv_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """An attention layer's inputs: ``rope(rms_norm(q, q_weight))``, ``rope(rms_norm(k, k_weight))``
+    and ``rms_norm(v)`` (no scale), each ``[B, T, heads, d]``; ``k``/``v`` may be None (KV-shared
+    layers) and come back None. The op chain of spec §2.5, rounding as HF does."""
+    q = apply_rope(rms_norm(q, q_weight, eps), cos, sin)
+    if k is not None:
+        k = apply_rope(rms_norm(k, k_weight, eps), cos, sin)
+    if v is not None:
+        v = rms_norm(v, None, eps)
+    return q, k, v

@@ -129,6 +129,8 @@ class Gemma4Runtime:
         self.eos_token_ids = tuple(eos_token_ids)
         self.suppress_tokens = tuple(t for t in suppress_tokens if 0 <= t < self.vocab_size)
         self._suppress = torch.tensor(self.suppress_tokens, device=device, dtype=torch.long)
+        if device.type == "cuda":
+            model.fuse_projections_()  # one GEMM for q/k/v and one for gate/up per layer
         self.cache = KVCache(
             model.kv_cache_spec(), num_slots=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype
         )
