@@ -11,7 +11,7 @@ prompt per sequence, then measure at batch 1 and 8
     python bench/e2e/profile_decode.py --models 26b-a4b e2b [--batches 1 8] [--top 25] [--before]
 
 ``--before`` first measures the step as the runtime ran it before the fused q/k/v and gate/up
-GEMMs and the one-launch q/k/v norm + RoPE kernel (graphs re-captured without them), then as it
+GEMMs, the skinny GEMM for decode linears and the one-launch q/k/v norm + RoPE kernel (graphs re-captured without them), then as it
 runs now, in the same process.
 """
 
@@ -139,6 +139,7 @@ def _previous_path(rt: Gemma4Runtime, on: bool) -> None:
         elif i in saved:
             layer.self_attn.fused_qkv, layer.mlp.fused_gate_up = saved[i]
     dispatch._CUDA.qkv_norm_rope = chain if on else ops.qkv_norm_rope_or_reference
+    dispatch._CUDA.linear = torch.nn.functional.linear if on else ops.gemv.linear
     rt.graphs = None
     torch.cuda.empty_cache()
     rt.graphs = CudaGraphDecoder(rt.model, rt.cache, max_batch_size=rt.max_batch_size, max_seq_len=rt.max_seq_len)

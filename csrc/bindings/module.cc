@@ -26,6 +26,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_kv_cache(kv_cache);
   auto rope = m.def_submodule("rope", "attention inputs: per-head RMSNorm of q, k, v and RoPE of q, k in one launch");
   gemma4x::bindings::register_rope(rope);
+  auto gemv = m.def_submodule("gemv", "decode-size linear layers: skinny GEMM for M <= 16 tokens");
+  gemma4x::bindings::register_gemv(gemv);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

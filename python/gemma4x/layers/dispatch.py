@@ -20,11 +20,13 @@ from gemma4x.layers.attention_prefill import with_prefill_kernel
 from gemma4x.reference import activation as _act
 from gemma4x.reference import attention as _attn
 from gemma4x.reference import attention_decode as _attn_decode
+from gemma4x.reference import linear as _linear
 from gemma4x.reference import moe as _moe
 from gemma4x.reference import norm as _norm
 from gemma4x.reference import rope as _rope
 
 REFERENCE = SimpleNamespace(
+    linear=_linear.linear,
     rms_norm=_norm.rms_norm,
     fused_add_rms_norm=_norm.fused_add_rms_norm,
     moe_tail_norm=_norm.moe_tail_norm,
@@ -42,6 +44,7 @@ def _cuda_namespace() -> SimpleNamespace:
     from gemma4x import ops  # imported lazily: CPU paths never need it
 
     return SimpleNamespace(
+        linear=ops.gemv.linear,  # decode sizes: the skinny GEMM; larger: cuBLAS
         rms_norm=ops.rms_norm,
         fused_add_rms_norm=ops.fused_add_rms_norm,
         moe_tail_norm=ops.moe_tail_norm,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma4x.layers.dispatch import ops_for
 from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
 
 
@@ -43,7 +44,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops_for(x).linear(x, self.weight, self.bias)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -200,7 +201,7 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's output, as column slices of one ``[..., sum(out)]`` GEMM output."""
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(ops_for(x).linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
 
 
 def make_linear(
