@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from bench.harness import Report, copy_bandwidth_gbs, matmul_tflops, time_graph  # noqa: E402
 from gemma4x import ops  # noqa: E402
 from gemma4x.ops import moe as moe_ops  # noqa: E402
+from gemma4x.ops._load import extension  # noqa: E402
 from gemma4x.reference import moe as ref  # noqa: E402
 from gemma4x.reference.activation import gelu_tanh  # noqa: E402
 
@@ -71,8 +72,10 @@ def block_gemma4x(W, h, x):
 
 
 def block_gemma4x_before(W, h, x):
-    """HF layout, separate GeGLU kernel, count + scan + gather: the prefill path before this change."""
-    w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    """HF layout, separate GeGLU kernel, count + scan + gather, fused router up to 512 tokens: the
+    prefill path before this change."""
+    router = torch.ops.gemma4x.moe_router if h.shape[0] <= 512 else torch.ops.gemma4x.moe_router_many
+    w, idx = router(h, W["proj"], W["scale"], W["pes"], K, EPS)
     if idx.numel() > moe_ops.DECODE_MAX_PAIRS and moe_ops.prefill_device_ok(x.device):
         return torch.ops.gemma4x.moe_experts_prefill(x, idx, w, W["gate_up"], W["down"], 0, False, 2)
     return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
@@ -190,26 +193,43 @@ def prefill_details(W, T, sets, us_by_impl, report):
         if T * K <= moe_ops.FUSED_PREP_MAX_PAIRS:
             calls["il_auto_multiprep"] = lambda s, r: torch.ops.gemma4x.moe_experts_prefill(
                 s[1], r[1], r[0], W["gate_up_il"], W["down"], 0, True, 2)
+            calls["il_auto_fusedprep"] = lambda s, r: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up_il"], W["down"], 0, True, 1)
     for label, call in calls.items():
         experts[label] = time_graph([lambda s=s, r=r, call=call: call(s, r) for s, r in zip(sets, routes)],
                                     replays=10).median_us
+    if "il_auto" in calls:  # the epilogue's gelu with tanh.approx.f32 (benchmark knob, not HF's rounding)
+        tune = extension().moe_prefill.moe_prefill_tuning
+        tune(gelu_approx=True)
+        try:
+            experts["il_auto_gelu_approx"] = time_graph(
+                [lambda s=s, r=r: calls["il_auto"](s, r) for s, r in zip(sets, routes)], replays=10).median_us
+        finally:
+            tune(gelu_approx=False)
     row["experts_us"] = experts
     row["router_us"] = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
                                    for s in sets], replays=10).median_us
     if "il_coop128x256" in calls:  # where the prefill time goes (eager, profiler)
         try:
             per_kernel = {}
-            for il, tile in ((True, 0), (True, 1), (True, 2), (False, 0)):
+            for il, tile, approx in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 0, False),
+                                     (True, 0, True)):
                 s, r = sets[0], routes[0]
                 gu = W["gate_up_il"] if il else W["gate_up"]
-                for name, t in device_kernels(lambda s=s, r=r, tile=tile, gu=gu, il=il:
-                                              torch.ops.gemma4x.moe_experts_prefill(
-                                                  s[1], r[1], r[0], gu, W["down"], tile, il, 0)):
+                extension().moe_prefill.moe_prefill_tuning(gelu_approx=approx)
+                try:
+                    kernels = device_kernels(lambda s=s, r=r, tile=tile, gu=gu, il=il:
+                                             torch.ops.gemma4x.moe_experts_prefill(
+                                                 s[1], r[1], r[0], gu, W["down"], tile, il, 0))
+                finally:
+                    extension().moe_prefill.moe_prefill_tuning(gelu_approx=False)
+                for name, t in kernels:
                     short = name.split("<")[0].split("(")[0].split("::")[-1]
                     if "device_kernel" in short:  # CUTLASS: name the schedule and epilogue
                         short = ("gemm_pingpong" if "Pingpong" in name else "gemm_coop") + (
                             "_geglu" if "Geglu" in name else "")
-                    per_kernel.setdefault(f"{'il' if il else 'hf'}_t{tile}:{short}", []).append(t)
+                    tag = f"{'il' if il else 'hf'}_t{tile}{'_approx' if approx else ''}"
+                    per_kernel.setdefault(f"{tag}:{short}", []).append(t)
             row["kernels_us"] = {k: [round(x, 1) for x in v] for k, v in per_kernel.items()}
         except Exception as exc:
             row["kernels_us"] = {"unavailable": str(exc)}
@@ -247,7 +267,7 @@ def main():
     p.add_argument("--loop-max-tokens", type=int, default=512, help="largest T timed with the per-expert torch loop")
     p.add_argument("--impls", nargs="+",
                    default=["gemma4x", "gemma4x_before", "gemma4x_stream", "reference", "torch_loop"])
-    p.add_argument("--router-tokens", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
+    p.add_argument("--router-tokens", type=int, nargs="*", default=[8, 16, 32, 48, 64, 128, 256, 512])
     p.add_argument("--tag", default="")
     args = p.parse_args()
 

@@ -22,6 +22,9 @@ int prefill_arch() {
   return major * 10 + minor;
 }
 
+// Benchmark knob of the SM90 GeGLU epilogue (moe_prefill_tuning): tanh.approx instead of tanhf.
+int g_gelu_approx = 0;
+
 [[noreturn]] void no_prefill_arch() {
   throw std::runtime_error(
       "moe_experts_prefill: this build has no grouped-GEMM prefill kernels for the current GPU (sm_90a needs "
@@ -115,6 +118,7 @@ void register_moe_prefill(py::module_& m) {
         p.tile = tile;
         p.gate_up_interleaved = gate_up_interleaved ? 1 : 0;
         p.prep = prep;
+        p.gelu_approx = g_gelu_approx;
         const auto s = reinterpret_cast<cudaStream_t>(stream);
         switch (prefill_arch()) {
 #ifdef GEMMA4X_HAS_SM90
@@ -149,6 +153,12 @@ void register_moe_prefill(py::module_& m) {
       },
       py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"),
       py::arg("gate_up_interleaved") = false);
+
+  // Benchmark knob: GEMM1's GeGLU epilogue computes gelu with tanh.approx.f32 (faster, rounds some
+  // activations differently from HF); off by default.
+  m.def(
+      "moe_prefill_tuning", [](bool gelu_approx) { g_gelu_approx = gelu_approx ? 1 : 0; },
+      py::arg("gelu_approx") = false);
 
   // (max experts E, max top_k) of the prefill path.
   m.def("moe_prefill_limits", [] {

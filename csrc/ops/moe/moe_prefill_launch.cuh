@@ -86,7 +86,7 @@ struct GroupedGemm {
                 "A, B, D must be K-major / row-major");
 
   static typename Gemm::Arguments arguments(int32_t* shapes, const void** a, int64_t* sa, const void** b, int64_t* sb,
-                                            void** d, int64_t* sd, int experts, int sms) {
+                                            void** d, int64_t* sd, int experts, int sms, int gelu_approx = 0) {
     typename Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {experts, reinterpret_cast<UnderlyingShape*>(shapes), nullptr};  // shapes on device only
@@ -99,6 +99,8 @@ struct GroupedGemm {
       args.epilogue.thread.beta = 0.f;
       args.epilogue.ptr_C = nullptr;
       args.epilogue.dC = reinterpret_cast<StrideD*>(sd);
+    } else {
+      args.epilogue.gelu_approx = gelu_approx;
     }
     args.epilogue.ptr_D = reinterpret_cast<Element**>(d);
     args.epilogue.dD = reinterpret_cast<StrideD*>(sd);
@@ -114,9 +116,10 @@ struct GroupedGemm {
   }
 
   static void run(int32_t* shapes, const void** a, int64_t* sa, const void** b, int64_t* sb, void** d, int64_t* sd,
-                  int experts, int sms, void* workspace, cudaStream_t stream, const char* what) {
+                  int experts, int sms, void* workspace, cudaStream_t stream, const char* what,
+                  int gelu_approx = 0) {
     Gemm gemm;
-    const auto args = arguments(shapes, a, sa, b, sb, d, sd, experts, sms);
+    const auto args = arguments(shapes, a, sa, b, sb, d, sd, experts, sms, gelu_approx);
     cutlass::Status st = gemm.can_implement(args);
     if (st != cutlass::Status::kSuccess) {
       throw std::runtime_error(std::string(kOp) + ": CUTLASS cannot run " + what + " (" + cutlassGetStatusString(st) + ")");
@@ -304,7 +307,7 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   const int sms = device_sms();
   const PrefillLayout& w = kp.ws;
   const PrefillPrep prep = static_cast<PrefillPrep>(p.prep);
-  if (prep == PrefillPrep::kFused || (prep == PrefillPrep::kAuto && pairs <= kFusedPrepMaxPairs)) {
+  if (prep == PrefillPrep::kFused || (prep == PrefillPrep::kAuto && pairs <= kFusedPrepAutoPairs)) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + kPrepWarps - 1) / kPrepWarps, 2 * sms));
     launch(moe_prefill_prep_kernel, blocks, kPrepThreads, stream, kp, "moe_prefill_prep_kernel");
   } else {
@@ -330,10 +333,10 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
       const char* gemm1g = "GEMM1 + GeGLU epilogue (x @ gate_up^T, interleaved)";
       if (tile1 == PrefillTile::kCoop128x256) {
         BigG::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
-                  stream, gemm1g);
+                  stream, gemm1g, p.gelu_approx);
       } else {
         SmallG::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms,
-                    w.cutlass_ws1, stream, gemm1g);
+                    w.cutlass_ws1, stream, gemm1g, p.gelu_approx);
       }
       gemm1_done = true;
     }

@@ -16,7 +16,7 @@ with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode
 one-launch kernel (a bulk-copy pipeline on every SM, gate/up, a grid barrier, down + combine),
 which streams the weights faster but computes slower, so it is not the default yet (see
 bench/RESULTS.md). Larger bf16 batches on SM90 run the prefill path (:func:`prefill_supported`):
-a device-side permute (one fused launch up to ``FUSED_PREP_MAX_PAIRS`` pairs, else count, scan and
+a device-side permute (one fused launch up to ``FUSED_PREP_AUTO_PAIRS`` pairs, else count, scan and
 gather), two CUTLASS grouped GEMMs and a weighted combine. With ``gate_up_interleaved=True`` (gate/up
 rows interleaved in blocks of 8, :func:`interleave_gate_up`, the layout the model layer keeps)
 GEMM1's epilogue computes the GeGLU, so a block is router + prep + GEMM1 + GEMM2 + finalize = 5
@@ -45,9 +45,12 @@ ROUTER_MAX_EXPERTS = 256
 ROUTER_MAX_TOP_K = 32
 ROUTER_MAX_HIDDEN = 6144
 # Beyond this many tokens the router is a real GEMM: cuBLAS (moe_router_many: rows kernel, cuBLAS,
-# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2 (H200,
-# 26B-A4B shape: the fused kernel equals the reference ops at 512 tokens, 0.29 ms slower at 4096).
-ROUTER_FUSED_MAX_TOKENS = 512
+# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2. H200,
+# 26B-A4B shape, CUDA graphs (bench/RESULTS.md): fused 23.9 / 27.8 / 40.5 / 76.4 us against
+# many-token 19.6 / 19.0 / 19.3 / 19.0 us at 64 / 128 / 256 / 512 tokens; the fused kernel takes
+# 7.5 us at 1 token. 64 keeps the block at 5 launches up to 64 tokens (the many-token router is
+# three) for ~4 us at 64 tokens.
+ROUTER_FUSED_MAX_TOKENS = 64
 DECODE_MAX_PAIRS = 64
 DECODE_MAX_EXPERTS = 256
 DECODE_MAX_HIDDEN = 3072
@@ -66,9 +69,11 @@ PREFILL_MAX_TOP_K = 32
 # 128x256), 2 = the small one (SM90: ping-pong 64x256).
 PREFILL_TILES = (0, 1, 2)
 # How the prefill path permutes (PrefillPrep in prefill_params.h): 0 picks (the fused launch up to
-# FUSED_PREP_MAX_PAIRS pairs T*k), 1 = one fused launch, 2 = count + scan + gather.
+# FUSED_PREP_AUTO_PAIRS pairs T*k, measured on H200), 1 = one fused launch (at most
+# FUSED_PREP_MAX_PAIRS pairs), 2 = count + scan + gather.
 PREFILL_PREPS = (0, 1, 2)
 FUSED_PREP_MAX_PAIRS = 4096
+FUSED_PREP_AUTO_PAIRS = 1024
 
 
 def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:

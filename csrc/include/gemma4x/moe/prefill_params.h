@@ -33,16 +33,21 @@ struct MoePrefillParams {
   // stores act directly: no h1 buffer, no GeGLU launch.
   int32_t gate_up_interleaved;
   int32_t prep;             // PrefillPrep: how count / scan / gather run
+  int32_t gelu_approx;      // benchmark knob: GEMM1's GeGLU epilogue with tanh.approx.f32 (not HF's rounding)
 };
 
 // How the routing is turned into the permuted rows and the GEMM arguments.
 enum class PrefillPrep : int32_t {
-  kAuto = 0,    // kFused up to kFusedPrepMaxPairs pairs, kMulti beyond
+  kAuto = 0,    // kFused up to kFusedPrepAutoPairs pairs, kMulti beyond
   kFused = 1,   // one launch: every block ranks all pairs (same result in each), block 0 writes the
                 // GEMM arguments, each block gathers its share of the rows
   kMulti = 2,   // count, scan, gather: three launches
 };
 constexpr int kFusedPrepMaxPairs = 4096;
+// Where kAuto switches (H200, 26B-A4B shape, bench/RESULTS.md): every block ranks all P pairs, so
+// the fused launch grows with P: 6.4 us against 6.8 us for the three kernels at 512 pairs (plus two
+// launches saved), 25.5 us against 13.3 us at 4096.
+constexpr int kFusedPrepAutoPairs = 1024;
 
 // The two grouped-GEMM tile configurations of each arch file (the benchmark measures both).
 // Named after SM90's; on SM100 they are the 1-SM 128x256 and 128x128 tiles.
