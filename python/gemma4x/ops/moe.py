@@ -46,10 +46,11 @@ ROUTER_MAX_TOP_K = 32
 ROUTER_MAX_HIDDEN = 6144
 # Beyond this many tokens the router is a real GEMM: cuBLAS (moe_router_many: rows kernel, cuBLAS,
 # top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2. H200,
-# 26B-A4B shape, CUDA graphs (bench/RESULTS.md): fused 23.9 / 27.8 / 40.5 / 76.4 us against
-# many-token 19.6 / 19.0 / 19.3 / 19.0 us at 64 / 128 / 256 / 512 tokens; the fused kernel takes
-# 7.5 us at 1 token. 64 keeps the block at 5 launches up to 64 tokens (the many-token router is
-# three) for ~4 us at 64 tokens.
+# 26B-A4B shape, CUDA graphs, one run (bench/RESULTS.md): fused 8.9 / 13.7 / 17.9 / 16.8 / 22.2 /
+# 25.4 / 39.0 / 74.9 us against many-token 19.1 / 18.4 / 18.6 / 18.8 / 18.2 / 18.3 / 18.5 / 18.5 us
+# at 8 / 16 / 32 / 48 / 64 / 128 / 256 / 512 tokens: the crossover lies between 48 and 64 tokens.
+# 64 keeps the MoE block at 5 launches up to 64 tokens (the many-token router is three) for at
+# most ~4 us there.
 ROUTER_FUSED_MAX_TOKENS = 64
 DECODE_MAX_PAIRS = 64
 DECODE_MAX_EXPERTS = 256

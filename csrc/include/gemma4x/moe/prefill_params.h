@@ -45,8 +45,9 @@ enum class PrefillPrep : int32_t {
 };
 constexpr int kFusedPrepMaxPairs = 4096;
 // Where kAuto switches (H200, 26B-A4B shape, bench/RESULTS.md): every block ranks all P pairs, so
-// the fused launch grows with P: 6.4 us against 6.8 us for the three kernels at 512 pairs (plus two
-// launches saved), 25.5 us against 13.3 us at 4096.
+// the fused launch grows with P. Eager kernel times: 6.4 us against 6.8 us for the three kernels at
+// 512 pairs, 25.5 us against 13.3 us at 4096; whole experts op in a graph: 405.5 against 407.6 us
+// at 512 pairs, 460.4 against 448.4 us at 4096. 1024 lies between (not measured there).
 constexpr int kFusedPrepAutoPairs = 1024;
 
 // The two grouped-GEMM tile configurations of each arch file (the benchmark measures both).
