@@ -3,8 +3,11 @@
 E=128 experts, top-8, H=2816, I=704, bf16. For each token count: µs per call, weight bytes read
 (router matrix + every chosen expert once) over that time in TB/s, % of the device copy bandwidth
 measured in the same run, and kernel launches per call, for gemma4x (decode kernels at T*k <= 64,
-grouped_mm beyond; "gemma4x" is the default two-kernel decode path, "gemma4x_stream" the
-experimental one-launch stream kernel), the reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
+the SM90 prefill path beyond; "gemma4x" runs the model layer's layout, gate/up rows interleaved in
+blocks of 8, so GEMM1's epilogue computes the GeGLU and up to 4096 pairs the permute is one fused
+launch; "gemma4x_before" the HF layout with the separate GeGLU kernel and the three-launch permute,
+i.e. the path before that change; "gemma4x_stream" the experimental one-launch decode kernel), the
+reference (torch ``F.grouped_mm`` path, HF's default) and a per-expert
 torch loop (HF's eager experts; it syncs with the host, so it is timed eagerly with events, not
 in a graph). Every graph-timed call replays over rotated input sets.
 
@@ -12,9 +15,12 @@ Prefill table (T*k > 64): the same whole-block times as TFLOP/s (6*T*k*H*I exper
 router's 2*T*E*H is left out), beside a dense bf16 matmul of the same FLOPs and shapes (one
 [T*k, H] x [H, 2I] and one [T*k, I] x [I, H] GEMM: the ceiling of a perfectly balanced grouped
 GEMM) and an 8192^3 matmul, all measured in this run; then the experts alone per tile config
-(gemma4x prefill op) against torch's grouped_mm experts, and each prefill kernel's share.
+(gemma4x prefill op; "il_*" interleaved with the GeGLU epilogue, "hf_*" HF layout + GeGLU kernel)
+against torch's grouped_mm experts, and each prefill kernel's share. Last, the fused one-launch
+router against the many-token router (rows kernel, cuBLAS, top-k) at --router-tokens, which sets
+ROUTER_FUSED_MAX_TOKENS.
 
-    python bench/ops/bench_moe.py [--tokens 1 8 64 512 4096 16384]
+    python bench/ops/bench_moe.py [--tokens 1 8 64 512 4096 16384] [--router-tokens 64 128 256 512 1024]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from bench.harness import Report, copy_bandwidth_gbs, matmul_tflops, time_graph  # noqa: E402
 from gemma4x import ops  # noqa: E402
 from gemma4x.ops import moe as moe_ops  # noqa: E402
+from gemma4x.ops._load import extension  # noqa: E402
 from gemma4x.reference import moe as ref  # noqa: E402
 from gemma4x.reference.activation import gelu_tanh  # noqa: E402
 
@@ -53,7 +60,29 @@ def make_weights():
     )
 
 
+def add_interleaved(W):
+    W["gate_up_il"] = ref.interleave_gate_up(W["gate_up"])  # as the model layer's loader stores it
+    return W
+
+
 def block_gemma4x(W, h, x):
+    """The model layer's path: interleaved gate/up (GeGLU in GEMM1's epilogue, fused prep)."""
+    w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    return ops.moe_experts(x, idx, w, W["gate_up_il"], W["down"], gate_up_interleaved=True)
+
+
+def block_gemma4x_before(W, h, x):
+    """HF layout, separate GeGLU kernel, count + scan + gather, fused router up to 512 tokens: the
+    prefill path before this change."""
+    router = torch.ops.gemma4x.moe_router if h.shape[0] <= 512 else torch.ops.gemma4x.moe_router_many
+    w, idx = router(h, W["proj"], W["scale"], W["pes"], K, EPS)
+    if idx.numel() > moe_ops.DECODE_MAX_PAIRS and moe_ops.prefill_device_ok(x.device):
+        return torch.ops.gemma4x.moe_experts_prefill(x, idx, w, W["gate_up"], W["down"], 0, False, 2)
+    return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
+
+
+def block_gemma4x_hf(W, h, x):
+    """HF layout through ops.moe_experts (the stream decode kernel reads only this layout)."""
     w, idx = ops.moe_router(h, W["proj"], W["scale"], W["pes"], K, EPS)
     return ops.moe_experts(x, idx, w, W["gate_up"], W["down"])
 
@@ -61,7 +90,7 @@ def block_gemma4x(W, h, x):
 def block_gemma4x_stream(W, h, x):
     moe_ops.DECODE_KERNEL = "stream"
     try:
-        return block_gemma4x(W, h, x)
+        return block_gemma4x_hf(W, h, x)
     finally:
         moe_ops.DECODE_KERNEL = "auto"
 
@@ -154,25 +183,53 @@ def prefill_details(W, T, sets, us_by_impl, report):
     }
     if moe_ops.prefill_device_ok(sets[0][1].device):
         for tile, label in ((0, "auto"), (1, "coop128x256"), (2, "pingpong64x256")):
-            calls[label] = lambda s, r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
-                s[1], r[1], r[0], W["gate_up"], W["down"], tile)
+            calls["il_" + label] = lambda s, r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up_il"], W["down"], tile, True, 0)
+        for tile, label in ((0, "auto"), (1, "coop128x256"), (2, "pingpong64x256")):
+            calls["hf_" + label] = lambda s, r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up"], W["down"], tile, False, 0)
+        calls["hf_auto_multiprep"] = lambda s, r: torch.ops.gemma4x.moe_experts_prefill(
+            s[1], r[1], r[0], W["gate_up"], W["down"], 0, False, 2)
+        if T * K <= moe_ops.FUSED_PREP_MAX_PAIRS:
+            calls["il_auto_multiprep"] = lambda s, r: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up_il"], W["down"], 0, True, 2)
+            calls["il_auto_fusedprep"] = lambda s, r: torch.ops.gemma4x.moe_experts_prefill(
+                s[1], r[1], r[0], W["gate_up_il"], W["down"], 0, True, 1)
     for label, call in calls.items():
         experts[label] = time_graph([lambda s=s, r=r, call=call: call(s, r) for s, r in zip(sets, routes)],
                                     replays=10).median_us
+    if "il_auto" in calls:  # the epilogue's gelu with tanh.approx.f32 (benchmark knob, not HF's rounding)
+        tune = extension().moe_prefill.moe_prefill_tuning
+        tune(gelu_approx=True)
+        try:
+            experts["il_auto_gelu_approx"] = time_graph(
+                [lambda s=s, r=r: calls["il_auto"](s, r) for s, r in zip(sets, routes)], replays=10).median_us
+        finally:
+            tune(gelu_approx=False)
     row["experts_us"] = experts
     row["router_us"] = time_graph([lambda s=s: ops.moe_router(s[0], W["proj"], W["scale"], W["pes"], K, EPS)
                                    for s in sets], replays=10).median_us
-    if "coop128x256" in calls:  # where the prefill time goes (eager, profiler)
+    if "il_coop128x256" in calls:  # where the prefill time goes (eager, profiler)
         try:
             per_kernel = {}
-            for tile in (0, 1, 2):
+            for il, tile, approx in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 0, False),
+                                     (True, 0, True)):
                 s, r = sets[0], routes[0]
-                for name, t in device_kernels(lambda s=s, r=r, tile=tile: torch.ops.gemma4x.moe_experts_prefill(
-                        s[1], r[1], r[0], W["gate_up"], W["down"], tile)):
+                gu = W["gate_up_il"] if il else W["gate_up"]
+                extension().moe_prefill.moe_prefill_tuning(gelu_approx=approx)
+                try:
+                    kernels = device_kernels(lambda s=s, r=r, tile=tile, gu=gu, il=il:
+                                             torch.ops.gemma4x.moe_experts_prefill(
+                                                 s[1], r[1], r[0], gu, W["down"], tile, il, 0))
+                finally:
+                    extension().moe_prefill.moe_prefill_tuning(gelu_approx=False)
+                for name, t in kernels:
                     short = name.split("<")[0].split("(")[0].split("::")[-1]
-                    if "device_kernel" in short:  # CUTLASS: name the schedule
-                        short = "gemm_pingpong" if "Pingpong" in name else "gemm_coop"
-                    per_kernel.setdefault(f"t{tile}:{short}", []).append(t)
+                    if "device_kernel" in short:  # CUTLASS: name the schedule and epilogue
+                        short = ("gemm_pingpong" if "Pingpong" in name else "gemm_coop") + (
+                            "_geglu" if "Geglu" in name else "")
+                    tag = f"{'il' if il else 'hf'}_t{tile}{'_approx' if approx else ''}"
+                    per_kernel.setdefault(f"{tag}:{short}", []).append(t)
             row["kernels_us"] = {k: [round(x, 1) for x in v] for k, v in per_kernel.items()}
         except Exception as exc:
             row["kernels_us"] = {"unavailable": str(exc)}
@@ -184,12 +241,12 @@ def print_prefill_table(rows, report):
     dense_peak = matmul_tflops()
     report.ceilings["matmul_8192_TFLOPs"] = dense_peak
     print(f"\nprefill (T*k > 64): expert TFLOP/s = 6*T*k*H*I / time; 8192^3 bf16 matmul {dense_peak:.0f} TFLOP/s")
-    head = ["block gemma4x", "block grouped_mm", "block loop", "dense same FLOPs"]
+    head = ["block gemma4x", "block gemma4x_before", "block grouped_mm", "block loop", "dense same FLOPs"]
     print(f"{'tokens':>6} | " + " | ".join(f"{h:>22}" for h in head))
     for r in rows:
         f = expert_flops(r["tokens"])
         cells = []
-        for name in ("gemma4x", "reference", "torch_loop"):
+        for name in ("gemma4x", "gemma4x_before", "reference", "torch_loop"):
             us, launches = r["block"].get(name, (float("nan"), -1))
             cells.append(f"{us:9.1f}us {f / (us * 1e-6) / 1e12:5.0f}TF L{launches:<2d}")
         cells.append(f"{r['dense_us']:9.1f}us {f / (r['dense_us'] * 1e-6) / 1e12:5.0f}TF    ")
@@ -208,7 +265,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     p.add_argument("--loop-max-tokens", type=int, default=512, help="largest T timed with the per-expert torch loop")
-    p.add_argument("--impls", nargs="+", default=["gemma4x", "gemma4x_stream", "reference", "torch_loop"])
+    p.add_argument("--impls", nargs="+",
+                   default=["gemma4x", "gemma4x_before", "gemma4x_stream", "reference", "torch_loop"])
+    p.add_argument("--router-tokens", type=int, nargs="*", default=[8, 16, 32, 48, 64, 128, 256, 512])
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
@@ -218,9 +277,9 @@ def main():
     report.ceilings["torch_topk_lower_index_first"] = topk_tie_order()
     print(f"device: {report.device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write); "
           f"torch.topk ties lower index first: {report.ceilings['torch_topk_lower_index_first']}")
-    W = make_weights()
-    impls = {"gemma4x": block_gemma4x, "gemma4x_stream": block_gemma4x_stream, "reference": block_reference,
-             "torch_loop": block_torch_loop}
+    W = add_interleaved(make_weights())
+    impls = {"gemma4x": block_gemma4x, "gemma4x_before": block_gemma4x_before, "gemma4x_stream": block_gemma4x_stream,
+             "reference": block_reference, "torch_loop": block_torch_loop}
     impls = {k: v for k, v in impls.items() if k in args.impls}
 
     print(f"{'tokens':>6} {'experts':>7} {'MB':>7} | " + " | ".join(f"{k:>30}" for k in impls))
@@ -241,7 +300,7 @@ def main():
         cells = []
         us_by_impl = {}
         for name, fn in impls.items():
-            if name == "gemma4x_stream" and T * K > 64:
+            if name in ("gemma4x_stream", "gemma4x_before") and (T * K > 64) == (name == "gemma4x_stream"):
                 cells.append(f"{'(same as gemma4x)':>30}")
                 continue
             if name == "torch_loop" and T > args.loop_max_tokens:
@@ -278,7 +337,7 @@ def main():
             try:  # eager, one kernel at a time (no PDL overlap): where each kernel's time goes
                 per_kernel = {}
                 for i, s in enumerate(sets):
-                    for name, t in device_kernels(lambda s=s: block_gemma4x(W, *s)):  # DECODE_KERNEL = variant
+                    for name, t in device_kernels(lambda s=s: block_gemma4x_hf(W, *s)):  # DECODE_KERNEL = variant
                         short = name.split("<")[0].split("(")[0].split("::")[-1]
                         per_kernel.setdefault(short, []).append(t)
                 per_kernel = {k: statistics.median(v) for k, v in per_kernel.items()}
@@ -295,7 +354,25 @@ def main():
             prefill_rows.append(prefill_details(W, T, sets, us_by_impl, report))
     if prefill_rows:
         print_prefill_table(prefill_rows, report)
+    if args.router_tokens:
+        router_crossover(W, args.router_tokens, report)
     print("wrote", report.write())
+
+
+def router_crossover(W, tokens, report):
+    """Fused one-launch router against the many-token router (rows kernel, cuBLAS GEMM, top-k)."""
+    print(f"\nrouter (E={E}, k={K}, H={H}): fused vs many-token, us; ROUTER_FUSED_MAX_TOKENS = "
+          f"{moe_ops.ROUTER_FUSED_MAX_TOKENS}")
+    for T in tokens:
+        g = torch.Generator(device="cuda").manual_seed(100 + T)
+        hs = [torch.randn(T, H, generator=g, device="cuda").to(DTYPE) * 2 for _ in range(2)]
+        times = {}
+        for name in ("moe_router", "moe_router_many"):
+            op = getattr(torch.ops.gemma4x, name)
+            times[name] = time_graph([lambda h=h, op=op: op(h, W["proj"], W["scale"], W["pes"], K, EPS) for h in hs],
+                                     inner=4, replays=20).median_us
+        report.add(impl="router_crossover", tokens=T, fused_us=times["moe_router"], many_us=times["moe_router_many"])
+        print(f"{T:>6} | fused {times['moe_router']:7.1f} us | many-token {times['moe_router_many']:7.1f} us")
 
 
 if __name__ == "__main__":

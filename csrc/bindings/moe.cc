@@ -44,13 +44,13 @@ void register_moe(py::module_& m) {
 
   // out[t] = bf16(sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t)) for T*k <= 64; act is a [T*k, I] workspace.
   // kernel: 0 auto (split unless GEMMA4X_MOE_DECODE=stream), 1 split (two launches), 2 stream (one
-  // persistent launch, falls back to split where the device does not allow it). Returns the kernel
-  // that ran (1 or 2).
+  // persistent launch, falls back to split where the device does not allow it or gate_up is
+  // interleaved). gate_up_interleaved: rows in blocks of 8 (params.h). Returns the kernel that ran.
   m.def(
       "moe_experts_decode",
       [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
          uintptr_t gate_up, uintptr_t down, uintptr_t act, int32_t tokens, int32_t top_k, int32_t experts,
-         int32_t hidden, int32_t inter, int32_t dtype, uintptr_t stream, int32_t kernel) {
+         int32_t hidden, int32_t inter, int32_t dtype, uintptr_t stream, int32_t kernel, bool gate_up_interleaved) {
         GEMMA4X_CHECK_ARG(kernel >= 0 && kernel <= 2, "moe_experts_decode: kernel must be 0, 1 or 2, got ", kernel);
         MoeExpertsDecodeParams p{};
         p.x = as_ptr(x);
@@ -67,13 +67,15 @@ void register_moe(py::module_& m) {
         p.experts = experts;
         p.hidden = hidden;
         p.inter = inter;
+        p.gate_up_interleaved = gate_up_interleaved ? 1 : 0;
         return static_cast<int>(moe_experts_decode(p, dtype_from_code(dtype, "moe_experts_decode dtype"),
                                                    reinterpret_cast<cudaStream_t>(stream),
                                                    static_cast<DecodeKernel>(kernel)));
       },
       py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
       py::arg("gate_up"), py::arg("down"), py::arg("act"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"),
-      py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("stream"), py::arg("kernel") = 0);
+      py::arg("hidden"), py::arg("inter"), py::arg("dtype"), py::arg("stream"), py::arg("kernel") = 0,
+      py::arg("gate_up_interleaved") = false);
 
   // Benchmark knobs of the one-launch decode kernel: (max stages, bulk-copy piece bytes, mode);
   // mode 1 streams the weights without computing (a timing probe whose output is unset).

@@ -22,6 +22,9 @@ int prefill_arch() {
   return major * 10 + minor;
 }
 
+// Benchmark knob of the SM90 GeGLU epilogue (moe_prefill_tuning): tanh.approx instead of tanhf.
+int g_gelu_approx = 0;
+
 [[noreturn]] void no_prefill_arch() {
   throw std::runtime_error(
       "moe_experts_prefill: this build has no grouped-GEMM prefill kernels for the current GPU (sm_90a needs "
@@ -88,11 +91,14 @@ void register_moe_prefill(py::module_& m) {
 #endif
 
   // out [T,H] bf16 = sum_j w[t,j] * GeGLU_{idx[t,j]}(x_t): permute, grouped GEMM1, GeGLU, grouped GEMM2, combine.
+  // gate_up_interleaved: rows in blocks of 8 (prefill_params.h; SM90 fuses the GeGLU into GEMM1's
+  // epilogue); prep: 0 auto, 1 one fused launch (T*k <= 4096), 2 count + scan + gather.
   m.def(
       "moe_experts_prefill",
       [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
          uintptr_t gate_up, uintptr_t down, uintptr_t workspace, size_t workspace_bytes, int32_t tokens, int32_t top_k,
-         int32_t experts, int32_t hidden, int32_t inter, int32_t tile, uintptr_t stream) {
+         int32_t experts, int32_t hidden, int32_t inter, int32_t tile, uintptr_t stream, bool gate_up_interleaved,
+         int32_t prep) {
         MoePrefillParams p{};
         p.x = as_ptr(x);
         p.x_row_stride = x_stride;
@@ -110,6 +116,9 @@ void register_moe_prefill(py::module_& m) {
         p.hidden = hidden;
         p.inter = inter;
         p.tile = tile;
+        p.gate_up_interleaved = gate_up_interleaved ? 1 : 0;
+        p.prep = prep;
+        p.gelu_approx = g_gelu_approx;
         const auto s = reinterpret_cast<cudaStream_t>(stream);
         switch (prefill_arch()) {
 #ifdef GEMMA4X_HAS_SM90
@@ -123,23 +132,33 @@ void register_moe_prefill(py::module_& m) {
       },
       py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
       py::arg("gate_up"), py::arg("down"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tokens"),
-      py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"), py::arg("tile"), py::arg("stream"));
+      py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"), py::arg("tile"), py::arg("stream"),
+      py::arg("gate_up_interleaved") = false, py::arg("prep") = 0);
 
   // Workspace bytes moe_experts_prefill needs for (T, k, E, H, I) on the current device.
   m.def(
       "moe_prefill_workspace_size",
-      [](int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter) -> size_t {
+      [](int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter,
+         bool gate_up_interleaved) -> size_t {
+        const int32_t il = gate_up_interleaved ? 1 : 0;
         switch (prefill_arch()) {
 #ifdef GEMMA4X_HAS_SM90
-          case 90: return moe_prefill_workspace_size_sm90(tokens, top_k, experts, hidden, inter);
+          case 90: return moe_prefill_workspace_size_sm90(tokens, top_k, experts, hidden, inter, il);
 #endif
 #ifdef GEMMA4X_HAS_SM100
-          case 100: return moe_prefill_workspace_size_sm100(tokens, top_k, experts, hidden, inter);
+          case 100: return moe_prefill_workspace_size_sm100(tokens, top_k, experts, hidden, inter, il);
 #endif
           default: no_prefill_arch();
         }
       },
-      py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"));
+      py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"),
+      py::arg("gate_up_interleaved") = false);
+
+  // Benchmark knob: GEMM1's GeGLU epilogue computes gelu with tanh.approx.f32 (faster, rounds some
+  // activations differently from HF); off by default.
+  m.def(
+      "moe_prefill_tuning", [](bool gelu_approx) { g_gelu_approx = gelu_approx ? 1 : 0; },
+      py::arg("gelu_approx") = false);
 
   // (max experts E, max top_k) of the prefill path.
   m.def("moe_prefill_limits", [] {

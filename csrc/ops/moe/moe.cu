@@ -325,7 +325,7 @@ void launch_stream(const MoeExpertsDecodeParams& p, const StreamConfig& c, cudaS
 
 template <typename T>
 DecodeKernel run_decode(const MoeExpertsDecodeParams& p, DecodeKernel want, cudaStream_t stream) {
-  if (want == DecodeKernel::kStream) {
+  if (want == DecodeKernel::kStream && p.gate_up_interleaved == 0) {  // the stream kernel reads the HF layout only
     const StreamConfig c = stream_config<T>(p);
     if (c.ok) {
       const int a_vpl = (p.hidden / 8 + 31) / 32;

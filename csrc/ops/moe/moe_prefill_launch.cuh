@@ -16,6 +16,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -25,6 +26,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "gemma4x/common/check.h"
+#include "gemma4x/moe/prefill_geglu_epilogue.cuh"
 #include "gemma4x/moe/prefill_kernels.cuh"
 #include "moe_prefill.h"
 
@@ -40,13 +42,26 @@ using LayoutD = cutlass::layout::RowMajor;     // [M, N]
 constexpr int kAlignment = 8;                  // 16-byte TMA rows: H and I multiples of 8
 
 template <class Config>
-struct GroupedGemm {
+struct PlainEpilogue {
   // No C operand (void): D = acc, rounded to bf16 once.
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using type = typename cutlass::epilogue::collective::CollectiveBuilder<
       typename Config::Arch, cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element, LayoutD*,
       kAlignment, typename Config::EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+};
+
+// SM90 only: GEMM1 over interleaved gate_up, act = GeGLU(acc) stored from registers
+// (prefill_geglu_epilogue.cuh); D is then [rows, N/2].
+template <class Config>
+struct GegluEpilogue {
+  using type = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      GegluEpilogueArray<cutlass::detail::TagToStrideC_t<LayoutD*>>>;
+};
+
+template <class Config, bool Geglu = false>
+struct GroupedGemm {
+  using Epilogue = typename cute::conditional_t<Geglu, GegluEpilogue<Config>, PlainEpilogue<Config>>::type;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       typename Config::Arch, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*, kAlignment,
       float, typename Config::Tile, typename Config::Cluster,
@@ -71,7 +86,7 @@ struct GroupedGemm {
                 "A, B, D must be K-major / row-major");
 
   static typename Gemm::Arguments arguments(int32_t* shapes, const void** a, int64_t* sa, const void** b, int64_t* sb,
-                                            void** d, int64_t* sd, int experts, int sms) {
+                                            void** d, int64_t* sd, int experts, int sms, int gelu_approx = 0) {
     typename Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {experts, reinterpret_cast<UnderlyingShape*>(shapes), nullptr};  // shapes on device only
@@ -79,10 +94,14 @@ struct GroupedGemm {
     args.mainloop.dA = reinterpret_cast<StrideA*>(sa);
     args.mainloop.ptr_B = reinterpret_cast<const Element**>(b);
     args.mainloop.dB = reinterpret_cast<StrideB*>(sb);
-    args.epilogue.thread.alpha = 1.f;
-    args.epilogue.thread.beta = 0.f;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = reinterpret_cast<StrideD*>(sd);
+    if constexpr (!Geglu) {
+      args.epilogue.thread.alpha = 1.f;
+      args.epilogue.thread.beta = 0.f;
+      args.epilogue.ptr_C = nullptr;
+      args.epilogue.dC = reinterpret_cast<StrideD*>(sd);
+    } else {
+      args.epilogue.gelu_approx = gelu_approx;
+    }
     args.epilogue.ptr_D = reinterpret_cast<Element**>(d);
     args.epilogue.dD = reinterpret_cast<StrideD*>(sd);
     int dev = 0;
@@ -97,9 +116,10 @@ struct GroupedGemm {
   }
 
   static void run(int32_t* shapes, const void** a, int64_t* sa, const void** b, int64_t* sb, void** d, int64_t* sd,
-                  int experts, int sms, void* workspace, cudaStream_t stream, const char* what) {
+                  int experts, int sms, void* workspace, cudaStream_t stream, const char* what,
+                  int gelu_approx = 0) {
     Gemm gemm;
-    const auto args = arguments(shapes, a, sa, b, sb, d, sd, experts, sms);
+    const auto args = arguments(shapes, a, sa, b, sb, d, sd, experts, sms, gelu_approx);
     cutlass::Status st = gemm.can_implement(args);
     if (st != cutlass::Status::kSuccess) {
       throw std::runtime_error(std::string(kOp) + ": CUTLASS cannot run " + what + " (" + cutlassGetStatusString(st) + ")");
@@ -142,8 +162,20 @@ struct Carver {
   }
 };
 
-template <class Big, class Small>
-PrefillLayout carve(void* workspace, int64_t pairs, int experts, int64_t hidden, int64_t inter, size_t* bytes) {
+// CUTLASS workspace bytes of the widest of the GEMM types (void ones ignored).
+template <class... Gemms>
+size_t cutlass_workspace(int experts, int sms) {
+  size_t bytes = 0;
+  ((bytes = std::max(bytes, [&] {
+      if constexpr (std::is_void_v<Gemms>) return size_t{0};
+      else return Gemms::workspace_size(experts, sms);
+    }())), ...);
+  return bytes;
+}
+
+template <class... Gemms>
+PrefillLayout carve(void* workspace, int64_t pairs, int experts, int64_t hidden, int64_t inter, bool fused_geglu,
+                    size_t* bytes) {
   const int sms = device_sms();
   Carver c{static_cast<char*>(workspace)};
   PrefillLayout w{};
@@ -164,11 +196,11 @@ PrefillLayout carve(void* workspace, int64_t pairs, int experts, int64_t hidden,
   w.stride_a2 = c.take<int64_t>(experts);
   w.stride_b2 = c.take<int64_t>(experts);
   w.stride_d2 = c.take<int64_t>(experts);
-  const size_t cutlass_ws = std::max(Big::workspace_size(experts, sms), Small::workspace_size(experts, sms));
+  const size_t cutlass_ws = cutlass_workspace<Gemms...>(experts, sms);
   w.cutlass_ws1 = c.take<char>(cutlass_ws);
   w.cutlass_ws2 = c.take<char>(cutlass_ws);
   w.xs = c.take<bf16>(pairs * hidden);
-  w.h1 = c.take<bf16>(pairs * 2 * inter);
+  w.h1 = c.take<bf16>(fused_geglu ? 0 : pairs * 2 * inter);
   w.act = c.take<bf16>(pairs * inter);
   *bytes = c.used;
   return w;
@@ -204,22 +236,36 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, cudaStream_t stream,
 }
 
 
-template <class Big, class Small>
-size_t prefill_workspace_size(int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter) {
+// Big / Small: the arch's two GroupedGemm instances; BigG / SmallG: the same tiles with the GeGLU
+// epilogue (void where the arch has none: interleaved gate_up then runs GEMM1 + the GeGLU kernel).
+template <class Big, class Small, class BigG = void, class SmallG = void>
+size_t prefill_workspace_size(int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter,
+                              int32_t gate_up_interleaved) {
   check_sizes(tokens, top_k, experts, hidden, inter);
+  const bool fused_geglu = gate_up_interleaved != 0 && !std::is_void_v<BigG>;
   size_t bytes = 0;
-  carve<Big, Small>(nullptr, static_cast<int64_t>(tokens) * top_k, experts, hidden, inter, &bytes);
+  carve<Big, Small, BigG, SmallG>(nullptr, static_cast<int64_t>(tokens) * top_k, experts, hidden, inter, fused_geglu,
+                                  &bytes);
   return bytes;
 }
 
-// Count, scan, gather, GEMM1, GeGLU, GEMM2, finalize on `stream`. Big / Small are the two
-// GroupedGemm instances of the arch: tile 1 runs Big for both GEMMs, tile 2 Small for both, tile 0
-// (auto) Big for GEMM1 once experts average >= 128 rows and Small otherwise, Small for GEMM2.
-template <class Big, class Small>
+// Prep (one fused launch, or count + scan + gather), GEMM1, GeGLU, GEMM2, finalize on `stream`; with
+// interleaved gate_up and an arch with the GeGLU epilogue, GEMM1 writes act and there is no GeGLU
+// launch (5 launches with the fused prep, 4 besides the router). Tile 1 runs the large tile for both
+// GEMMs, tile 2 the small one, tile 0 (auto) the large one for GEMM1 once experts average >= 128
+// rows and the small one otherwise, the small one for GEMM2.
+template <class Big, class Small, class BigG = void, class SmallG = void>
 void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_device)()) {
   check_sizes(p.tokens, p.top_k, p.experts, p.hidden, p.inter);
   GEMMA4X_CHECK_ARG(p.tile >= 0 && p.tile <= 2, kOp, ": tile must be 0 (auto), 1 (the large tile) or 2 ",
                     "(the small tile), got ", p.tile);
+  GEMMA4X_CHECK_ARG(p.gate_up_interleaved == 0 || p.gate_up_interleaved == 1, kOp,
+                    ": gate_up_interleaved must be 0 or 1, got ", p.gate_up_interleaved);
+  GEMMA4X_CHECK_ARG(p.prep >= 0 && p.prep <= 2, kOp, ": prep must be 0 (auto), 1 (fused) or 2 (multi-kernel), got ",
+                    p.prep);
+  const int64_t pairs = static_cast<int64_t>(p.tokens) * p.top_k;
+  GEMMA4X_CHECK_ARG(static_cast<PrefillPrep>(p.prep) != PrefillPrep::kFused || pairs <= kFusedPrepMaxPairs, kOp,
+                    ": the fused prep takes at most ", kFusedPrepMaxPairs, " pairs T*k, got ", pairs);
   if (p.tokens == 0) return;
   check_ptr("x", p.x, 16);
   check_ptr("idx", p.idx, 8);
@@ -234,10 +280,11 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
                     ": out row stride must be >= H = ", p.hidden, " and a multiple of 8, got ", p.out_row_stride);
   check_device();
 
-  const int64_t pairs = static_cast<int64_t>(p.tokens) * p.top_k;
+  constexpr bool kHasGegluEpilogue = !std::is_void_v<BigG>;
+  const bool fused_geglu = p.gate_up_interleaved != 0 && kHasGegluEpilogue;
   size_t need = 0;
   PrefillKernelParams kp{};
-  kp.ws = carve<Big, Small>(p.workspace, pairs, p.experts, p.hidden, p.inter, &need);
+  kp.ws = carve<Big, Small, BigG, SmallG>(p.workspace, pairs, p.experts, p.hidden, p.inter, fused_geglu, &need);
   GEMMA4X_CHECK_ARG(p.workspace_bytes >= need, kOp, ": workspace has ", p.workspace_bytes, " bytes, the call needs ",
                     need);
   kp.x = p.x;
@@ -254,14 +301,22 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   kp.experts = p.experts;
   kp.hidden = p.hidden;
   kp.inter = p.inter;
+  kp.interleaved = p.gate_up_interleaved;
+  kp.fused_geglu = fused_geglu ? 1 : 0;
 
   const int sms = device_sms();
   const PrefillLayout& w = kp.ws;
-  const unsigned count_blocks = static_cast<unsigned>((pairs + kCountChunk - 1) / kCountChunk);
-  launch(moe_prefill_count_kernel, count_blocks, kCountThreads, stream, kp, "moe_prefill_count_kernel");
-  launch(moe_prefill_scan_kernel, 1, kPrefillMaxExperts, stream, kp, "moe_prefill_scan_kernel");
-  launch(moe_prefill_gather_kernel, static_cast<unsigned>((pairs * 32 + kGatherThreads - 1) / kGatherThreads),
-         kGatherThreads, stream, kp, "moe_prefill_gather_kernel");
+  const PrefillPrep prep = static_cast<PrefillPrep>(p.prep);
+  if (prep == PrefillPrep::kFused || (prep == PrefillPrep::kAuto && pairs <= kFusedPrepAutoPairs)) {
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + kPrepWarps - 1) / kPrepWarps, 2 * sms));
+    launch(moe_prefill_prep_kernel, blocks, kPrepThreads, stream, kp, "moe_prefill_prep_kernel");
+  } else {
+    const unsigned count_blocks = static_cast<unsigned>((pairs + kCountChunk - 1) / kCountChunk);
+    launch(moe_prefill_count_kernel, count_blocks, kCountThreads, stream, kp, "moe_prefill_count_kernel");
+    launch(moe_prefill_scan_kernel, 1, kPrefillMaxExperts, stream, kp, "moe_prefill_scan_kernel");
+    launch(moe_prefill_gather_kernel, static_cast<unsigned>((pairs * 32 + kGatherThreads - 1) / kGatherThreads),
+           kGatherThreads, stream, kp, "moe_prefill_gather_kernel");
+  }
 
   // Tiles per GEMM: see the arch file (moe_prefill_sm90.cu holds the H200 measurements).
   const bool many_rows = pairs >= static_cast<int64_t>(128) * p.experts;
@@ -272,17 +327,33 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   const PrefillTile tile2 = chosen != PrefillTile::kAuto ? chosen : PrefillTile::kPingpong64x256;
   const char* gemm1 = "GEMM1 (x @ gate_up^T)";
   const char* gemm2 = "GEMM2 (act @ down^T)";
-  if (tile1 == PrefillTile::kCoop128x256) {
-    Big::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
-             stream, gemm1);
-  } else {
-    Small::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
-               stream, gemm1);
+  bool gemm1_done = false;
+  if constexpr (kHasGegluEpilogue) {
+    if (fused_geglu) {
+      const char* gemm1g = "GEMM1 + GeGLU epilogue (x @ gate_up^T, interleaved)";
+      if (tile1 == PrefillTile::kCoop128x256) {
+        BigG::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
+                  stream, gemm1g, p.gelu_approx);
+      } else {
+        SmallG::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms,
+                    w.cutlass_ws1, stream, gemm1g, p.gelu_approx);
+      }
+      gemm1_done = true;
+    }
   }
-  const int64_t vecs = pairs * (p.inter / 8);
-  const unsigned geglu_grid = static_cast<unsigned>(
-      std::min<int64_t>((vecs + kGegluThreads - 1) / kGegluThreads, static_cast<int64_t>(sms) * 16));
-  launch(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
+  if (!gemm1_done) {
+    if (tile1 == PrefillTile::kCoop128x256) {
+      Big::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
+               stream, gemm1);
+    } else {
+      Small::run(w.shapes1, w.a1, w.stride_a1, w.b1, w.stride_b1, w.d1, w.stride_d1, p.experts, sms, w.cutlass_ws1,
+                 stream, gemm1);
+    }
+    const int64_t vecs = pairs * (p.inter / 8);
+    const unsigned geglu_grid = static_cast<unsigned>(
+        std::min<int64_t>((vecs + kGegluThreads - 1) / kGegluThreads, static_cast<int64_t>(sms) * 16));
+    launch(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
+  }
   if (tile2 == PrefillTile::kCoop128x256) {
     Big::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms, w.cutlass_ws2,
              stream, gemm2);

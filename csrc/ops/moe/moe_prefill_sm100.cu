@@ -47,9 +47,10 @@ void check_device() {
 
 }  // namespace
 
+// No GeGLU epilogue on SM100 yet: interleaved gate_up runs GEMM1 into h1 and the GeGLU kernel.
 size_t moe_prefill_workspace_size_sm100(int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden,
-                                        int32_t inter) {
-  return prefill::prefill_workspace_size<Big, Small>(tokens, top_k, experts, hidden, inter);
+                                        int32_t inter, int32_t gate_up_interleaved) {
+  return prefill::prefill_workspace_size<Big, Small>(tokens, top_k, experts, hidden, inter, gate_up_interleaved);
 }
 
 void moe_experts_prefill_sm100(const MoePrefillParams& params, cudaStream_t stream) {

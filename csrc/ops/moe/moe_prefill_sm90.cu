@@ -35,6 +35,11 @@ struct Pingpong64x256 {
 
 using Big = prefill::GroupedGemm<Coop128x256>;
 using Small = prefill::GroupedGemm<Pingpong64x256>;
+// GEMM1 over interleaved gate_up with the GeGLU computed in the epilogue (same tiles and mainloop;
+// the epilogue stores from registers, so the mainloop gets the TMA-store epilogue's shared memory
+// as extra stages).
+using BigGeglu = prefill::GroupedGemm<Coop128x256, true>;
+using SmallGeglu = prefill::GroupedGemm<Pingpong64x256, true>;
 // Tiles per GEMM (H200, bench/RESULTS.md), as run_prefill's auto setting picks them. GEMM1
 // (K = H = 2816): the cooperative 128x256 tile once experts average >= 128 rows (T = 4096: 509 us
 // vs 600 us ping-pong), ping-pong 64x256 below (fewer padded rows). GEMM2 (K = I = 704, 11
@@ -55,12 +60,14 @@ void check_device() {
 
 }  // namespace
 
-size_t moe_prefill_workspace_size_sm90(int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter) {
-  return prefill::prefill_workspace_size<Big, Small>(tokens, top_k, experts, hidden, inter);
+size_t moe_prefill_workspace_size_sm90(int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter,
+                                       int32_t gate_up_interleaved) {
+  return prefill::prefill_workspace_size<Big, Small, BigGeglu, SmallGeglu>(tokens, top_k, experts, hidden, inter,
+                                                                           gate_up_interleaved);
 }
 
 void moe_experts_prefill_sm90(const MoePrefillParams& params, cudaStream_t stream) {
-  prefill::run_prefill<Big, Small>(params, stream, check_device);
+  prefill::run_prefill<Big, Small, BigGeglu, SmallGeglu>(params, stream, check_device);
 }
 
 }  // namespace gemma4x::moe

@@ -6,6 +6,12 @@ an fp32 sum over the k slots. Parameter names follow the checkpoint
 (``router.proj.weight``, ``router.scale``, ``router.per_expert_scale``,
 ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``).
 
+``Experts`` loaded through the checkpoint loader keep ``gate_up_proj`` with its gate/up rows
+interleaved in blocks of 8 (repacked once as each tensor is loaded, no second copy; see
+:func:`gemma4x.reference.moe.interleave_gate_up`), which lets the SM90 prefill path compute the
+GeGLU in GEMM1's epilogue; every path (decode kernels, prefill, reference) reads that layout.
+``state_dict()`` still gives, and ``load_state_dict`` still takes, HF's layout (gate rows first).
+
 ``NVFP4Experts`` holds the routed experts of a ModelOpt NVFP4 export: the checkpoint's
 per-expert tensors ``experts.<e>.{gate,up,down}_proj.{weight,weight_scale,weight_scale_2,
 input_scale}`` fused per layer (gate rows first, as in ``gate_up_proj``)::
@@ -34,6 +40,7 @@ from torch import nn
 from gemma4x.layers.dispatch import ops_for
 from gemma4x.layers.linear import Linear, as_quant_param, quant_param, quantize_nvfp4
 from gemma4x.loader import CheckpointPart
+from gemma4x.reference.moe import GATE_UP_BLOCK, deinterleave_gate_up, interleave_gate_up
 from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale
 
 
@@ -59,16 +66,52 @@ class Router(nn.Module):
         return self._run(h, native=True)
 
 
+def _load_gate_up_interleaved(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """The loader's ``weight_loader`` of ``Experts.gate_up_proj``: HF layout in, interleaved stored.
+
+    Repacks one checkpoint tensor (bounded temporaries: per expert) and marks the parameter
+    (``param.gate_up_interleaved``); an ``I`` that is not a multiple of 8 keeps HF's layout.
+    """
+    E, I2, _ = tensor.shape
+    if I2 % (2 * GATE_UP_BLOCK) != 0:
+        param.copy_(tensor)
+        param.gate_up_interleaved = False
+        return
+    for e in range(E):
+        param[e].copy_(interleave_gate_up(tensor[e : e + 1])[0])
+    param.gate_up_interleaved = True
+
+
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False
         )
+        self.gate_up_proj.weight_loader = _load_gate_up_interleaved
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self._register_state_dict_hook(_gate_up_state_dict_hf)
+
+    @property
+    def gate_up_interleaved(self) -> bool:
+        """True when ``gate_up_proj`` holds gate/up rows interleaved in blocks of 8 (loaded by the loader)."""
+        return bool(getattr(self.gate_up_proj, "gate_up_interleaved", False))
+
+    def gate_up_hf(self) -> torch.Tensor:
+        """``gate_up_proj`` in HF's layout (gate rows, then up rows): a copy when stored interleaved."""
+        gu = self.gate_up_proj
+        return deinterleave_gate_up(gu) if self.gate_up_interleaved else gu
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts carry HF's layout (see _gate_up_state_dict_hf): the plain copy stores it as is.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "gate_up_proj" in state_dict:
+            self.gate_up_proj.gate_up_interleaved = False
 
     def _run(self, x, weights, idx, native: bool) -> torch.Tensor:
-        return ops_for(x, native).moe_experts(x, idx, weights, self.gate_up_proj, self.down_proj)
+        return ops_for(x, native).moe_experts(
+            x, idx, weights, self.gate_up_proj, self.down_proj, gate_up_interleaved=self.gate_up_interleaved
+        )
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``x [T, H]``, routing ``weights/idx [T, k]`` -> ``[T, H]`` in ``x.dtype``."""
@@ -76,6 +119,14 @@ class Experts(nn.Module):
 
     def forward_native(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self._run(x, weights, idx, native=True)
+
+
+def _gate_up_state_dict_hf(module: Experts, state_dict, prefix, local_metadata):
+    """``state_dict()`` gives ``gate_up_proj`` in HF's layout whatever the stored one."""
+    key = prefix + "gate_up_proj"
+    if module.gate_up_interleaved and key in state_dict:
+        state_dict[key] = deinterleave_gate_up(state_dict[key])
+    return state_dict
 
 
 def _into(index):
@@ -143,7 +194,7 @@ class NVFP4Experts(nn.Module):
         As ModelOpt's export: one ``weight_scale_2`` per expert for gate and up together
         (they read the same input), one per expert for down.
         """
-        gu, dn = experts.gate_up_proj, experts.down_proj
+        gu, dn = experts.gate_up_hf(), experts.down_proj
         E, I2, H = gu.shape
         with torch.device("meta"):  # every tensor is replaced below
             out = cls(E, H, I2 // 2, input_scale=False)

@@ -15,9 +15,13 @@ with every intermediate rounded where HF's ``grouped_mm`` path rounds it. Decode
 (gate/up + GeGLU, then down + combine); ``DECODE_KERNEL = "stream"`` selects the experimental
 one-launch kernel (a bulk-copy pipeline on every SM, gate/up, a grid barrier, down + combine),
 which streams the weights faster but computes slower, so it is not the default yet (see
-bench/RESULTS.md). Larger bf16 batches on SM90 run the prefill path (device-side permute, two
-CUTLASS grouped GEMMs, GeGLU and a weighted combine, seven launches, :func:`prefill_supported`);
-anything else (other archs, other dtypes) the reference ``F.grouped_mm`` path. An SM100 build of
+bench/RESULTS.md). Larger bf16 batches on SM90 run the prefill path (:func:`prefill_supported`):
+a device-side permute (one fused launch up to ``FUSED_PREP_AUTO_PAIRS`` pairs, else count, scan and
+gather), two CUTLASS grouped GEMMs and a weighted combine. With ``gate_up_interleaved=True`` (gate/up
+rows interleaved in blocks of 8, :func:`interleave_gate_up`, the layout the model layer keeps)
+GEMM1's epilogue computes the GeGLU, so a block is router + prep + GEMM1 + GEMM2 + finalize = 5
+launches; the HF layout adds a GeGLU kernel. Anything else (other archs, other dtypes) takes the
+reference ``F.grouped_mm`` path. An SM100 build of
 the prefill path exists but has not run on a B200: it is used only with
 ``GEMMA4X_MOE_PREFILL_SM100=1`` (:func:`prefill_device_ok`). Pure-PyTorch twins with the same
 signatures live in :mod:`gemma4x.reference.moe`.
@@ -34,15 +38,20 @@ from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
 from gemma4x.ops._launch import as_rows, on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference import moe as _ref
+from gemma4x.reference.moe import deinterleave_gate_up, interleave_gate_up  # noqa: F401  (re-exported)
 
 # Limits of the kernels (csrc/ops/moe/moe.cu holds the same numbers; a GPU test compares them).
 ROUTER_MAX_EXPERTS = 256
 ROUTER_MAX_TOP_K = 32
 ROUTER_MAX_HIDDEN = 6144
 # Beyond this many tokens the router is a real GEMM: cuBLAS (moe_router_many: rows kernel, cuBLAS,
-# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2 (H200,
-# 26B-A4B shape: the fused kernel equals the reference ops at 512 tokens, 0.29 ms slower at 4096).
-ROUTER_FUSED_MAX_TOKENS = 512
+# top-k kernel) beats one block per token re-reading the 720 KB router matrix from L2. H200,
+# 26B-A4B shape, CUDA graphs, one run (bench/RESULTS.md): fused 8.9 / 13.7 / 17.9 / 16.8 / 22.2 /
+# 25.4 / 39.0 / 74.9 us against many-token 19.1 / 18.4 / 18.6 / 18.8 / 18.2 / 18.3 / 18.5 / 18.5 us
+# at 8 / 16 / 32 / 48 / 64 / 128 / 256 / 512 tokens: the crossover lies between 48 and 64 tokens.
+# 64 keeps the MoE block at 5 launches up to 64 tokens (the many-token router is three) for at
+# most ~4 us there.
+ROUTER_FUSED_MAX_TOKENS = 64
 DECODE_MAX_PAIRS = 64
 DECODE_MAX_EXPERTS = 256
 DECODE_MAX_HIDDEN = 3072
@@ -60,6 +69,12 @@ PREFILL_MAX_TOP_K = 32
 # 0 picks per GEMM by rows per expert; 1 = the large tile for both GEMMs (SM90: cooperative
 # 128x256), 2 = the small one (SM90: ping-pong 64x256).
 PREFILL_TILES = (0, 1, 2)
+# How the prefill path permutes (PrefillPrep in prefill_params.h): 0 picks (the fused launch up to
+# FUSED_PREP_AUTO_PAIRS pairs T*k, measured on H200), 1 = one fused launch (at most
+# FUSED_PREP_MAX_PAIRS pairs), 2 = count + scan + gather.
+PREFILL_PREPS = (0, 1, 2)
+FUSED_PREP_MAX_PAIRS = 4096
+FUSED_PREP_AUTO_PAIRS = 1024
 
 
 def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:
@@ -83,7 +98,17 @@ def _check_router(h, proj_weight, scale, per_expert_scale, top_k, eps) -> None:
     check_float_scalar(op, "eps", eps)
 
 
-def _check_experts(x, idx, weights, gate_up_proj, down_proj) -> None:
+def _check_interleaved(op, gate_up_interleaved, gate_up_proj) -> None:
+    if not isinstance(gate_up_interleaved, bool):
+        raise TypeError(f"{op}: gate_up_interleaved must be a bool, got {gate_up_interleaved!r}")
+    if gate_up_interleaved and gate_up_proj.shape[1] % 16 != 0:
+        raise ValueError(
+            f"{op}: gate_up_interleaved needs I a multiple of 8 (rows interleaved in blocks of 8), "
+            f"got gate_up_proj shape {list(gate_up_proj.shape)}"
+        )
+
+
+def _check_experts(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved=False) -> None:
     op = "moe_experts"
     dtype_code(x, f"{op}: x")
     if x.dim() != 2:
@@ -100,6 +125,7 @@ def _check_experts(x, idx, weights, gate_up_proj, down_proj) -> None:
     E, I = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
     check_tensor(op, "gate_up_proj", gate_up_proj, [E, 2 * I, H], x.dtype, x.device, contiguous=False)
     check_tensor(op, "down_proj", down_proj, [E, H, I], x.dtype, x.device, contiguous=False)
+    _check_interleaved(op, gate_up_interleaved, gate_up_proj)
 
 
 def decode_supported(x: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
@@ -176,8 +202,8 @@ def _(h, proj_weight, scale, per_expert_scale, top_k, eps):
     return h.new_empty(out_shape, dtype=torch.float32), h.new_empty(out_shape, dtype=torch.int64)
 
 
-def _check_decode(x, idx, weights, gate_up_proj, down_proj) -> None:
-    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+def _check_decode(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved=False) -> None:
+    _check_experts(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
     if not decode_supported(x, idx, gate_up_proj, down_proj):
         T, H = x.shape
         E, I2, _ = gate_up_proj.shape
@@ -191,9 +217,14 @@ def _check_decode(x, idx, weights, gate_up_proj, down_proj) -> None:
 
 @torch.library.custom_op("gemma4x::moe_experts_decode", mutates_args=())
 def _moe_experts_decode_op(
-    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
-    _check_decode(x, idx, weights, gate_up_proj, down_proj)
+    _check_decode(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
     check_cuda("moe_experts_decode", "x", x)
     T, H = x.shape
     k = idx.shape[1]
@@ -208,15 +239,15 @@ def _moe_experts_decode_op(
         ran = extension().moe.moe_experts_decode(
             out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
             gate_up_proj.data_ptr(), down_proj.data_ptr(), act.data_ptr(),
-            T, k, E, H, I, DTYPE_CODES[x.dtype], stream, kernel,
+            T, k, E, H, I, DTYPE_CODES[x.dtype], stream, kernel, gate_up_interleaved,
         )  # fmt: skip
     LAST_DECODE_KERNEL = {1: "split", 2: "stream"}.get(ran)
     return out
 
 
 @_moe_experts_decode_op.register_fake
-def _(x, idx, weights, gate_up_proj, down_proj):
-    _check_decode(x, idx, weights, gate_up_proj, down_proj)
+def _(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved=False):
+    _check_decode(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
     return x.new_empty(x.shape)
 
 
@@ -266,8 +297,8 @@ def prefill_device_ok(device: torch.device) -> bool:
     return ok
 
 
-def _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile) -> None:
-    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+def _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile, gate_up_interleaved=False, prep=0) -> None:
+    _check_experts(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
     if not prefill_supported(x, idx, gate_up_proj, down_proj):
         T, H = x.shape
         E, I2, _ = gate_up_proj.shape
@@ -278,6 +309,13 @@ def _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile) -> None:
         )
     if isinstance(tile, bool) or tile not in PREFILL_TILES:
         raise ValueError(f"moe_experts_prefill: tile must be one of {PREFILL_TILES}, got {tile!r}")
+    if isinstance(prep, bool) or prep not in PREFILL_PREPS:
+        raise ValueError(f"moe_experts_prefill: prep must be one of {PREFILL_PREPS}, got {prep!r}")
+    pairs = x.shape[0] * idx.shape[1]
+    if prep == 1 and pairs > FUSED_PREP_MAX_PAIRS:
+        raise ValueError(
+            f"moe_experts_prefill: prep=1 (fused) takes at most T*k = {FUSED_PREP_MAX_PAIRS} pairs, got {pairs}"
+        )
 
 
 @torch.library.custom_op("gemma4x::moe_experts_prefill", mutates_args=())
@@ -288,8 +326,10 @@ def _moe_experts_prefill_op(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     tile: int = 0,
+    gate_up_interleaved: bool = False,
+    prep: int = 0,
 ) -> torch.Tensor:
-    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile, gate_up_interleaved, prep)
     check_cuda("moe_experts_prefill", "x", x)
     T, H = x.shape
     k = idx.shape[1]
@@ -303,19 +343,19 @@ def _moe_experts_prefill_op(
     with on_device(x) as stream:
         # Permuted x, GEMM outputs and per-expert GEMM arguments (sized for x's GPU), from the
         # torch allocator: graph-safe.
-        nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I)
+        nbytes = mod.moe_prefill_workspace_size(T, k, E, H, I, gate_up_interleaved)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
         mod.moe_experts_prefill(
             out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
             gate_up_proj.data_ptr(), down_proj.data_ptr(), workspace.data_ptr(), nbytes,
-            T, k, E, H, I, int(tile), stream,
+            T, k, E, H, I, int(tile), stream, gate_up_interleaved, int(prep),
         )  # fmt: skip
     return out
 
 
 @_moe_experts_prefill_op.register_fake
-def _(x, idx, weights, gate_up_proj, down_proj, tile=0):
-    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile)
+def _(x, idx, weights, gate_up_proj, down_proj, tile=0, gate_up_interleaved=False, prep=0):
+    _check_prefill(x, idx, weights, gate_up_proj, down_proj, tile, gate_up_interleaved, prep)
     return x.new_empty(x.shape)
 
 
@@ -394,6 +434,7 @@ def moe_experts(
     weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_j weights[t,j] * (gelu_tanh(x_t G_e^T) * (x_t U_e^T)) D_e^T``, ``e = idx[t,j]``.
 
@@ -406,8 +447,11 @@ def moe_experts(
     Args:
         x: ``[T, H]`` expert input (``pre_feedforward_layernorm_2`` output), CUDA.
         idx: ``[T, k]`` int64 expert ids; weights: ``[T, k]`` float32 routing weights.
-        gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows), dtype of ``x``.
+        gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows), dtype of ``x``; with
+            ``gate_up_interleaved=True`` rows interleaved in blocks of 8 (:func:`interleave_gate_up`),
+            which lets the SM90 prefill path compute the GeGLU in GEMM1's epilogue.
         down_proj: ``[E, H, I]``, dtype of ``x``.
+        gate_up_interleaved: the layout of ``gate_up_proj`` (every path reads both).
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
@@ -415,9 +459,11 @@ def moe_experts(
     # themselves, and anything else goes to the checks below.
     if _kernel_candidate(x, idx, gate_up_proj, down_proj):
         if decode_supported(x, idx, gate_up_proj, down_proj):
-            return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj)
+            return torch.ops.gemma4x.moe_experts_decode(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
         if prefill_supported(x, idx, gate_up_proj, down_proj) and prefill_device_ok(x.device):
-            return torch.ops.gemma4x.moe_experts_prefill(x, idx, weights, gate_up_proj, down_proj)
-    _check_experts(x, idx, weights, gate_up_proj, down_proj)
+            return torch.ops.gemma4x.moe_experts_prefill(
+                x, idx, weights, gate_up_proj, down_proj, 0, gate_up_interleaved
+            )
+    _check_experts(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)
     check_cuda("moe_experts", "x", x)
-    return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj)
+    return _ref.moe_experts(x, idx, weights, gate_up_proj, down_proj, gate_up_interleaved)

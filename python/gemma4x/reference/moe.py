@@ -13,6 +13,10 @@ CUDA when ``torch.nn.functional.grouped_mm`` exists)::
     out[t] = bf16/fp32( sum_j fp32(y[t,j]) * w[t,j] )          # fp32 sum over the k slots, one cast
 
 (HF's ``eager`` experts accumulate with ``index_add_`` in the activation dtype instead.)
+
+``gate_up_interleaved=True`` reads ``gate_up_proj`` with its rows interleaved in blocks of 8
+(:func:`interleave_gate_up`, the layout the model layer keeps for the GPU kernels): the GEMM's
+output columns are permuted back, so the result is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -42,6 +46,39 @@ def moe_router(
     return weights * per_expert_scale[idx], idx
 
 
+GATE_UP_BLOCK = 8  # rows per gate / up block of the interleaved layout
+
+
+def _check_interleavable(gate_up_proj: torch.Tensor, what: str) -> int:
+    if gate_up_proj.dim() != 3 or gate_up_proj.shape[1] % (2 * GATE_UP_BLOCK) != 0:
+        raise ValueError(
+            f"{what}: gate_up_proj must be [E, 2I, H] with I a multiple of {GATE_UP_BLOCK}, "
+            f"got shape {list(gate_up_proj.shape)}"
+        )
+    return gate_up_proj.shape[1] // 2
+
+
+def interleave_gate_up(gate_up_proj: torch.Tensor) -> torch.Tensor:
+    """``[E, 2I, H]`` HF layout (gate rows, then up rows) -> rows interleaved in blocks of 8.
+
+    Row ``16b + r`` is gate row ``8b + r`` and row ``16b + 8 + r`` up row ``8b + r`` (r < 8): in
+    the SM90 GEMM's accumulator fragment a thread then holds matching gate and up columns, so
+    GEMM1's epilogue computes the GeGLU in registers. A new contiguous tensor; I % 8 == 0.
+    """
+    I = _check_interleavable(gate_up_proj, "interleave_gate_up")
+    E, _, H = gate_up_proj.shape
+    g = GATE_UP_BLOCK
+    return gate_up_proj.reshape(E, 2, I // g, g, H).transpose(1, 2).reshape(E, 2 * I, H)
+
+
+def deinterleave_gate_up(gate_up_proj: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave_gate_up`: back to HF's ``[E, 2I, H]`` (gate rows first)."""
+    I = _check_interleavable(gate_up_proj, "deinterleave_gate_up")
+    E, _, H = gate_up_proj.shape
+    g = GATE_UP_BLOCK
+    return gate_up_proj.reshape(E, I // g, 2, g, H).transpose(1, 2).reshape(E, 2 * I, H)
+
+
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``y[r] = x[r] @ w[e_r]^T`` for rows sorted by expert, ``counts[e]`` rows per expert."""
     if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
@@ -62,13 +99,15 @@ def moe_experts(
     weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
     """Weighted sum of the routed experts' GeGLU MLPs.
 
     Args:
         x: ``[T, H]`` expert input (``pre_feedforward_layernorm_2`` output).
         idx: ``[T, k]`` expert ids; weights: ``[T, k]`` fp32 routing weights.
-        gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows); down_proj: ``[E, H, I]``.
+        gate_up_proj: ``[E, 2I, H]`` (gate rows first, then up rows; or interleaved in blocks of 8
+            when ``gate_up_interleaved``, see :func:`interleave_gate_up`); down_proj: ``[E, H, I]``.
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
@@ -80,7 +119,11 @@ def moe_experts(
     # Rows per expert; scatter_add (unlike bincount) needs no host sync to size its output.
     counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     xs = x[order // k]
-    gate, up = _grouped_linear(xs, gate_up_proj, counts).chunk(2, dim=-1)
+    h = _grouped_linear(xs, gate_up_proj, counts)
+    if gate_up_interleaved:  # columns [g0..g7 u0..u7 g8..g15 u8..u15 ...] back to [gate | up]
+        I = _check_interleavable(gate_up_proj, "moe_experts")
+        h = h.reshape(h.shape[0], I // GATE_UP_BLOCK, 2, GATE_UP_BLOCK).transpose(1, 2).reshape(h.shape[0], 2 * I)
+    gate, up = h.chunk(2, dim=-1)
     ys = _grouped_linear(gelu_tanh(gate) * up, down_proj, counts)
     ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # fp32 from here on
     out = torch.empty_like(ys)

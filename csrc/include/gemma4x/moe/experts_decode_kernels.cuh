@@ -184,6 +184,13 @@ __device__ __forceinline__ void build_expert_groups(const int64_t* idx, int pair
   __syncthreads();
 }
 
+// Row of gate_up (within one expert) holding gate row i, or up row i when `up` (params.h: the
+// HF layout, or rows interleaved in blocks of 8).
+__device__ __forceinline__ int64_t gate_up_row(int i, int inter, bool up, bool interleaved) {
+  if (interleaved) return static_cast<int64_t>(i >> 3) * 16 + (up ? 8 : 0) + (i & 7);
+  return static_cast<int64_t>(up ? inter : 0) + i;
+}
+
 // NVL: 16-byte vectors per lane covering one H row with a whole warp (H <= 32 * NVL * 8). Each
 // lane's x vectors serve its gate and its up vectors alike.
 //
@@ -216,8 +223,10 @@ __global__ void __launch_bounds__(kGateUpThreads, X_SMEM ? kGateUpMinBlocksXSmem
   const auto load_task = [&](int64_t task) {
     const int u = static_cast<int>(task / I);
     const int i = static_cast<int>(task - static_cast<int64_t>(u) * I);
-    const T* gate_row = gate_up + (static_cast<int64_t>(g.expert[u]) * 2 * I + i) * p.hidden;
-    const T* up_row = gate_row + static_cast<int64_t>(I) * p.hidden;
+    const T* expert_rows = gate_up + static_cast<int64_t>(g.expert[u]) * 2 * I * p.hidden;
+    const bool il = p.gate_up_interleaved != 0;
+    const T* gate_row = expert_rows + gate_up_row(i, I, false, il) * p.hidden;
+    const T* up_row = expert_rows + gate_up_row(i, I, true, il) * p.hidden;
 #pragma unroll
     for (int m = 0; m < NVL; ++m) {
       wg[m] = load_weights(gate_row, lane + 32 * m, nvec);

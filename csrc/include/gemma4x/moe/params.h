@@ -33,7 +33,7 @@ struct MoeExpertsDecodeParams {
   int64_t x_row_stride;
   const int64_t* idx;        // [T, k] contiguous; ids outside [0, E) contribute nothing
   const float* weights;      // [T, k] contiguous
-  const void* gate_up;       // [E, 2I, H] contiguous: gate rows [0, I), up rows [I, 2I)
+  const void* gate_up;       // [E, 2I, H] contiguous: gate rows [0, I), up rows [I, 2I); or interleaved
   const void* down;          // [E, H, I] contiguous
   void* act;                 // [P, I] workspace
   void* out;                 // [T, H], row stride out_row_stride
@@ -43,6 +43,10 @@ struct MoeExpertsDecodeParams {
   int32_t experts;
   int32_t hidden;
   int32_t inter;
+  // 1: gate_up rows interleaved in blocks of 8 (rows 16b..16b+7 = gate 8b..8b+7, rows 16b+8..16b+15
+  // = up 8b..8b+7; gemma4x.ops.moe.interleave_gate_up), the layout the model layer keeps. The split
+  // kernels read both layouts; the stream kernel reads only the HF one (kStream falls back to kSplit).
+  int32_t gate_up_interleaved;
 };
 
 }  // namespace gemma4x::moe

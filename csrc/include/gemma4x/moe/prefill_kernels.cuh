@@ -5,7 +5,10 @@
 //             grouped GEMMs (problem shapes, operand pointers, strides), so nothing goes back to
 //             the host (graph-safe).
 //   gather    xs[offsets[e] + rank] = x[t] for pair (t, j) with e = idx[t, j]; pos = that row.
-//   geglu     act = bf16(bf16(gelu_tanh(gate)) * up) over h1 = [gate | up] (GEMM1 output, bf16).
+//   prep      count + scan + gather in one launch for up to kFusedPrepMaxPairs pairs.
+//   geglu     act = bf16(bf16(gelu_tanh(gate)) * up) over h1 = [gate | up] (GEMM1 output, bf16), or
+//             over h1 with interleaved columns; not launched when GEMM1's epilogue does it (SM90,
+//             interleaved gate_up: prefill_geglu_epilogue.cuh).
 //   finalize  out[t] = bf16( sum_j fp32(w[t,j] * y[pos[t*k+j]]) ), the fp32 sum over the k slots.
 //
 // The rounding points are HF's grouped_mm path: GEMM outputs in bf16, F.gelu then the product in
@@ -30,6 +33,8 @@ constexpr int kCountChunk = 2048;
 constexpr int kGatherThreads = 256;  // one warp per pair
 constexpr int kGegluThreads = 256;
 constexpr int kFinalizeThreads = 128;  // H = 2816: 352 vectors of 8, three per thread
+constexpr int kPrepThreads = 256;      // fused prep: 8 warps, each ranks one contiguous segment of pairs
+constexpr int kPrepWarps = kPrepThreads / 32;
 
 using bf16 = __nv_bfloat16;
 
@@ -70,6 +75,35 @@ static __global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel
   for (int e = tid; e < p.experts; e += blockDim.x) p.ws.block_counts[blockIdx.x * p.experts + e] = count[e];
 }
 
+// Every per-expert argument of the grouped GEMMs for expert e with `rows` rows from `offset`
+// (offsets, problem shapes, operand pointers, strides). GEMM1 writes h1 [P, 2I], or act [P, I]
+// directly when its epilogue computes the GeGLU (fused_geglu).
+__device__ __forceinline__ void write_expert_args(const PrefillKernelParams& p, int e, int offset, int rows) {
+  const int64_t H = p.hidden, I = p.inter;
+  const PrefillLayout& w = p.ws;
+  w.offsets[e] = offset;
+  if (e == p.experts - 1) w.offsets[p.experts] = offset + rows;
+  const int64_t row = offset;
+  w.shapes1[3 * e + 0] = rows;
+  w.shapes1[3 * e + 1] = static_cast<int>(2 * I);
+  w.shapes1[3 * e + 2] = static_cast<int>(H);
+  w.shapes2[3 * e + 0] = rows;
+  w.shapes2[3 * e + 1] = static_cast<int>(H);
+  w.shapes2[3 * e + 2] = static_cast<int>(I);
+  w.a1[e] = static_cast<const bf16*>(w.xs) + row * H;
+  w.b1[e] = static_cast<const bf16*>(p.gate_up) + e * 2 * I * H;
+  w.d1[e] = p.fused_geglu ? static_cast<bf16*>(w.act) + row * I : static_cast<bf16*>(w.h1) + row * 2 * I;
+  w.a2[e] = static_cast<const bf16*>(w.act) + row * I;
+  w.b2[e] = static_cast<const bf16*>(p.down) + e * H * I;
+  w.d2[e] = static_cast<bf16*>(w.xs) + row * H;  // y reuses xs: GEMM1 has consumed it
+  w.stride_a1[e] = H;
+  w.stride_b1[e] = H;
+  w.stride_d1[e] = p.fused_geglu ? I : 2 * I;
+  w.stride_a2[e] = I;
+  w.stride_b2[e] = I;
+  w.stride_d2[e] = H;
+}
+
 // Pass 2, one block: block_counts[b][e] becomes the rows of expert e in blocks before b; the
 // exclusive prefix sum over experts gives offsets; then every per-expert argument of the grouped
 // GEMMs (problem shapes, operand pointers, strides), so nothing goes back to the host.
@@ -105,45 +139,11 @@ static __global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_ke
   for (int w = 0; w < warp; ++w) before += warp_sum[w];
   const int offset = before + incl - total;
 
-  const int64_t H = p.hidden, I = p.inter;
-  const PrefillLayout& w = p.ws;
-  if (e < p.experts) {
-    w.offsets[e] = offset;
-    if (e == p.experts - 1) w.offsets[p.experts] = offset + total;
-    const int64_t row = offset;
-    w.shapes1[3 * e + 0] = total;
-    w.shapes1[3 * e + 1] = static_cast<int>(2 * I);
-    w.shapes1[3 * e + 2] = static_cast<int>(H);
-    w.shapes2[3 * e + 0] = total;
-    w.shapes2[3 * e + 1] = static_cast<int>(H);
-    w.shapes2[3 * e + 2] = static_cast<int>(I);
-    w.a1[e] = static_cast<const bf16*>(w.xs) + row * H;
-    w.b1[e] = static_cast<const bf16*>(p.gate_up) + e * 2 * I * H;
-    w.d1[e] = static_cast<bf16*>(w.h1) + row * 2 * I;
-    w.a2[e] = static_cast<const bf16*>(w.act) + row * I;
-    w.b2[e] = static_cast<const bf16*>(p.down) + e * H * I;
-    w.d2[e] = static_cast<bf16*>(w.xs) + row * H;  // y reuses xs: GEMM1 has consumed it
-    w.stride_a1[e] = H;
-    w.stride_b1[e] = H;
-    w.stride_d1[e] = 2 * I;
-    w.stride_a2[e] = I;
-    w.stride_b2[e] = I;
-    w.stride_d2[e] = H;
-  }
+  if (e < p.experts) write_expert_args(p, e, offset, total);
 }
 
-// One warp per pair: final row = offsets[e] + rows of e in earlier count blocks + rank, and the
-// x row copied there (16-byte vectors, four loads in flight per lane before their stores).
-static __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(const __grid_constant__ PrefillKernelParams p) {
-  const int q = static_cast<int>((blockIdx.x * static_cast<unsigned>(blockDim.x) + threadIdx.x) >> 5);
-  const int lane = threadIdx.x & 31;
-  if (q >= p.pairs) return;
-  const int rank = p.ws.pos[q];
-  if (rank < 0) return;  // id out of range: pos stays -1, the combine skips it
-  const int e = static_cast<int>(p.idx[q]);
-  const int row = p.ws.offsets[e] + p.ws.block_counts[(q / kCountChunk) * p.experts + e] + rank;
-  __syncwarp();
-  if (lane == 0) p.ws.pos[q] = row;
+// One warp copies x[pair q's token] to xs[row] (16-byte vectors, four loads in flight per lane).
+__device__ __forceinline__ void copy_x_row(const PrefillKernelParams& p, int q, int row, int lane) {
   using V = uint4;
   const V* __restrict__ src = reinterpret_cast<const V*>(static_cast<const bf16*>(p.x) + (q / p.top_k) * p.x_row_stride);
   V* __restrict__ dst = reinterpret_cast<V*>(static_cast<bf16*>(p.ws.xs) + static_cast<int64_t>(row) * p.hidden);
@@ -159,6 +159,99 @@ static __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kern
   }
 }
 
+// One warp per pair: final row = offsets[e] + rows of e in earlier count blocks + rank, and the
+// x row copied there (16-byte vectors, four loads in flight per lane before their stores).
+static __global__ void __launch_bounds__(kGatherThreads) moe_prefill_gather_kernel(const __grid_constant__ PrefillKernelParams p) {
+  const int q = static_cast<int>((blockIdx.x * static_cast<unsigned>(blockDim.x) + threadIdx.x) >> 5);
+  const int lane = threadIdx.x & 31;
+  if (q >= p.pairs) return;
+  const int rank = p.ws.pos[q];
+  if (rank < 0) return;  // id out of range: pos stays -1, the combine skips it
+  const int e = static_cast<int>(p.idx[q]);
+  const int row = p.ws.offsets[e] + p.ws.block_counts[(q / kCountChunk) * p.experts + e] + rank;
+  __syncwarp();
+  if (lane == 0) p.ws.pos[q] = row;
+  copy_x_row(p, q, row, lane);
+}
+
+// count + scan + gather in one launch, for P <= kFusedPrepMaxPairs. There is no grid-wide step:
+// every block ranks all P pairs itself (P int64 ids from L2; the ranking is deterministic, so all
+// blocks agree on every pair's row), block 0 writes the per-expert GEMM arguments, and block b
+// writes pos and copies the x rows of pairs b*8 + warp, b*8 + warp + 8*gridDim.x, ...
+//
+// Ranking: warp w owns the contiguous pairs [w*S, (w+1)*S); in 32-pair steps __match_any_sync
+// groups a step's lanes by expert, so the rank is (this warp's earlier pairs of e) + (lower lanes
+// of this step with e). Pass 1 counts per (warp, expert), a scan over warps and experts gives
+// each (warp, expert) its first row, pass 2 hands out the rows.
+static __global__ void __launch_bounds__(kPrepThreads) moe_prefill_prep_kernel(const __grid_constant__ PrefillKernelParams p) {
+  __shared__ int cursor[kPrepWarps][kPrefillMaxExperts];  // counts, then the next free row
+  __shared__ int16_t key[kFusedPrepMaxPairs];             // expert of each pair, -1 if out of range
+  __shared__ int row_of[kFusedPrepMaxPairs];
+  __shared__ int warp_sum[kPrepThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = p.pairs, E = p.experts;
+  for (int i = tid; i < kPrepWarps * kPrefillMaxExperts; i += kPrepThreads) (&cursor[0][0])[i] = 0;
+  for (int q = tid; q < P; q += kPrepThreads) {
+    const int64_t e = p.idx[q];
+    key[q] = (e >= 0 && e < E) ? static_cast<int16_t>(e) : int16_t{-1};
+  }
+  __syncthreads();
+  const int seg = (P + kPrepWarps * 32 - 1) / (kPrepWarps * 32) * 32;  // pairs per warp, whole steps
+  const int begin = warp * seg, end = min(P, begin + seg);
+  const unsigned lower = (1u << lane) - 1u;
+  for (int q0 = begin; q0 < end; q0 += 32) {  // pass 1: counts per (warp, expert)
+    const int q = q0 + lane;
+    const int e = q < end ? key[q] : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    if (e >= 0 && (same & lower) == 0) cursor[warp][e] += __popc(same);  // one leader per expert
+    __syncwarp();
+  }
+  __syncthreads();
+  int total = 0;  // thread e: rows of expert e, and each warp's first row relative to the expert's
+  if (tid < E) {
+#pragma unroll
+    for (int w = 0; w < kPrepWarps; ++w) {
+      const int c = cursor[w][tid];
+      cursor[w][tid] = total;
+      total += c;
+    }
+  }
+  int incl = total;  // block-wide exclusive scan of the totals (E <= 256 = kPrepThreads)
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += n;
+  }
+  if (lane == 31) warp_sum[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_sum[w];
+  const int offset = before + incl - total;
+  if (tid < E) {
+#pragma unroll
+    for (int w = 0; w < kPrepWarps; ++w) cursor[w][tid] += offset;
+    if (blockIdx.x == 0) write_expert_args(p, tid, offset, total);
+  }
+  __syncthreads();
+  for (int q0 = begin; q0 < end; q0 += 32) {  // pass 2: rows
+    const int q = q0 + lane;
+    const int e = q < end ? key[q] : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    int row = -1;
+    if (e >= 0) row = cursor[warp][e] + __popc(same & lower);
+    __syncwarp();
+    if (e >= 0 && (same & lower) == 0) cursor[warp][e] += __popc(same);
+    __syncwarp();
+    if (q < end) row_of[q] = row;
+  }
+  __syncthreads();
+  for (int q = blockIdx.x * kPrepWarps + warp; q < P; q += gridDim.x * kPrepWarps) {
+    const int row = row_of[q];
+    if (lane == 0) p.ws.pos[q] = row;
+    if (row >= 0) copy_x_row(p, q, row, lane);
+  }
+}
+
 // act[r, :] = bf16(bf16(gelu_tanh(gate)) * up) for the valid rows r < offsets[E]; 8 columns a thread.
 static __global__ void __launch_bounds__(kGegluThreads) moe_prefill_geglu_kernel(const __grid_constant__ PrefillKernelParams p) {
   const int rows = p.ws.offsets[p.experts];
@@ -171,8 +264,11 @@ static __global__ void __launch_bounds__(kGegluThreads) moe_prefill_geglu_kernel
     const int64_t r = v / per_row;
     const int c = static_cast<int>(v - r * per_row) * 8;
     float g[8], u[8], a[8];
-    load_float<bf16, 8>(h1 + r * 2 * p.inter + c, g);
-    load_float<bf16, 8>(h1 + r * 2 * p.inter + p.inter + c, u);
+    // HF layout: gate at column c, up at I + c; interleaved: gate block at 2c, up block at 2c + 8.
+    const int64_t gc = p.interleaved ? 2 * c : c;
+    const int64_t uc = p.interleaved ? 2 * c + 8 : p.inter + c;
+    load_float<bf16, 8>(h1 + r * 2 * p.inter + gc, g);
+    load_float<bf16, 8>(h1 + r * 2 * p.inter + uc, u);
 #pragma unroll
     for (int i = 0; i < 8; ++i) a[i] = round_to<bf16>(prefill_gelu_tanh(g[i])) * u[i];
     store_float<bf16, 8>(act + r * p.inter + c, a);

@@ -28,7 +28,27 @@ struct MoePrefillParams {
   int32_t hidden;
   int32_t inter;
   int32_t tile;             // GEMM tile config: 0 = pick by rows per expert, else a PrefillTile
+  // 1: gate_up rows interleaved in blocks of 8 (rows 16b..16b+7 = gate rows 8b..8b+7, the next 8 =
+  // up rows 8b..8b+7). Where the arch has it (SM90), GEMM1's epilogue then computes the GeGLU and
+  // stores act directly: no h1 buffer, no GeGLU launch.
+  int32_t gate_up_interleaved;
+  int32_t prep;             // PrefillPrep: how count / scan / gather run
+  int32_t gelu_approx;      // benchmark knob: GEMM1's GeGLU epilogue with tanh.approx.f32 (not HF's rounding)
 };
+
+// How the routing is turned into the permuted rows and the GEMM arguments.
+enum class PrefillPrep : int32_t {
+  kAuto = 0,    // kFused up to kFusedPrepAutoPairs pairs, kMulti beyond
+  kFused = 1,   // one launch: every block ranks all pairs (same result in each), block 0 writes the
+                // GEMM arguments, each block gathers its share of the rows
+  kMulti = 2,   // count, scan, gather: three launches
+};
+constexpr int kFusedPrepMaxPairs = 4096;
+// Where kAuto switches (H200, 26B-A4B shape, bench/RESULTS.md): every block ranks all P pairs, so
+// the fused launch grows with P. Eager kernel times: 6.4 us against 6.8 us for the three kernels at
+// 512 pairs, 25.5 us against 13.3 us at 4096; whole experts op in a graph: 405.5 against 407.6 us
+// at 512 pairs, 460.4 against 448.4 us at 4096. 1024 lies between (not measured there).
+constexpr int kFusedPrepAutoPairs = 1024;
 
 // The two grouped-GEMM tile configurations of each arch file (the benchmark measures both).
 // Named after SM90's; on SM100 they are the 1-SM 128x256 and 128x128 tiles.
@@ -60,7 +80,7 @@ struct PrefillLayout {
   void* cutlass_ws1;     // CUTLASS workspace (per-SM TMA descriptors) of GEMM1
   void* cutlass_ws2;     // ... of GEMM2
   void* xs;              // [P, H] x rows in expert order; reused for GEMM2's output y
-  void* h1;              // [P, 2I] GEMM1 output (gate | up)
+  void* h1;              // [P, 2I] GEMM1 output (gate | up, or interleaved); absent with fused_geglu
   void* act;             // [P, I] gelu_tanh(gate) * up
 };
 
@@ -81,6 +101,8 @@ struct PrefillKernelParams {
   int32_t experts;
   int32_t hidden;
   int32_t inter;
+  int32_t interleaved;   // gate_up_interleaved
+  int32_t fused_geglu;   // GEMM1's epilogue writes act (d1 = act, row stride I); else d1 = h1
 };
 
 // Many-token router (prefill_router_kernels.cuh): rows kernel, the caller's GEMM, top-k kernel.
