@@ -82,7 +82,26 @@ auto with_type(DType dtype, Fn&& fn) {
   fail_argument("decode_attention: dtype ", dtype_name(dtype), " is not supported (expected bfloat16 or float16)");
 }
 
+struct Tuning {
+  int variant = kDefaultVariant;
+  int splits = 0;
+};
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
+
 }  // namespace
+
+void set_tuning(int variant, int splits) {
+  GEMMA4X_CHECK_ARG(variant >= 0 && variant < 8, "decode_attention: variant ", variant, " is not in [0, 8)");
+  GEMMA4X_CHECK_ARG(splits >= 0 && splits <= kMaxSplits, "decode_attention: splits ", splits, " is not in [0, ",
+                    kMaxSplits, "]");
+  tuning().variant = variant;
+  tuning().splits = splits;
+}
+int tuning_variant() { return tuning().variant; }
+int tuning_splits() { return tuning().splits; }
 
 int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim, int max_rows, DType dtype) {
   GEMMA4X_CHECK_ARG(batch >= 1 && tq >= 1 && num_kv_heads >= 1 && num_heads % num_kv_heads == 0,
@@ -104,6 +123,7 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
         if (s >= 1 && 10 * base * s >= 9L * waves * slots) splits = s;
       }
       if (splits == 0) splits = (2 * slots + base - 1) / base;
+      if (tuning().splits > 0) splits = tuning().splits;
       if (splits > max_tiles) splits = max_tiles;
       if (splits > kMaxSplits) splits = kMaxSplits;
       return static_cast<int>(splits < 1 ? 1 : splits);
@@ -137,11 +157,19 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
     with_head_dim(p.head_dim, [&](auto d) {
       constexpr int D = decltype(d)::value;
       prepare<T, D>();
-      const dim3 grid(p.num_splits, p.num_kv_heads * p.row_groups, p.batch);
-      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, p, "decode_attention_kernel");
-      if (p.num_splits > 1) {
-        const unsigned rows = static_cast<unsigned>(p.batch) * p.tq * p.num_heads;
-        launch(decode_combine_kernel<T, D>, dim3(rows), kCombineThreads, 0, stream, p, "decode_combine_kernel");
+      const int variant = tuning().variant;
+      DecodeParams q = p;
+      q.flags = (variant & kVariantCombineTriggersEarly) ? kFlagCombineTriggersEarly : 0;
+      const dim3 grid(q.num_splits, q.num_kv_heads * q.row_groups, q.batch);
+      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, q, "decode_attention_kernel");
+      if (q.num_splits > 1 && !(variant & kVariantSkipCombine)) {
+        const unsigned rows = static_cast<unsigned>(q.batch) * q.tq * q.num_heads;
+        if (variant & kVariantWideCombine) {
+          launch(decode_combine_wide_kernel<T, D>, dim3(rows, D / (4 * kWideCols4)), kWideThreads, 0, stream, q,
+                 "decode_combine_wide_kernel");
+        } else {
+          launch(decode_combine_kernel<T, D>, dim3(rows), kCombineThreads, 0, stream, q, "decode_combine_kernel");
+        }
       }
       return 0;
     });

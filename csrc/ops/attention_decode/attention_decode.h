@@ -16,4 +16,15 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
 
 void decode_attention(const DecodeParams& params, DType dtype, cudaStream_t stream);
 
+// Benchmark knobs (process-wide, read at launch, so a captured graph keeps what was set when it
+// was captured). `variant` is a kVariant* bitmask; `splits` > 0 overrides the split count
+// (still capped at the tiles and kMaxSplits), 0 = the heuristic.
+constexpr int kVariantCombineTriggersEarly = 1;  // PDL: the combine lets the next kernel launch at once
+constexpr int kVariantWideCombine = 2;           // decode_combine_wide_kernel instead of decode_combine_kernel
+constexpr int kVariantSkipCombine = 4;           // timing only: no combine launch (the output is not written)
+constexpr int kDefaultVariant = 0;
+void set_tuning(int variant, int splits);
+int tuning_variant();
+int tuning_splits();
+
 }  // namespace gemma4x::attention_decode

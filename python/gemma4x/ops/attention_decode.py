@@ -195,3 +195,24 @@ def attention_decode_or_sdpa(
     return attention_decode_sdpa_single_query(
         q, k_cache, v_cache, q_pos, slots, ring_pos, window_left=window_left, scale=scale, max_kv_len=max_kv_len
     )
+
+
+# Bits of set_tuning's variant (kVariant* in csrc/ops/attention_decode/attention_decode.h).
+VARIANT_COMBINE_TRIGGERS_EARLY = 1
+VARIANT_WIDE_COMBINE = 2
+VARIANT_SKIP_COMBINE = 4  # timing only: the output is left unwritten
+
+
+def set_tuning(variant: int, splits: int = 0) -> tuple:
+    """Benchmark knob: launch variant bitmask and split-count override (0 = heuristic).
+
+    Process-wide and read at launch, so a CUDA graph keeps the setting it was captured with.
+    Returns the previous ``(variant, splits)``.
+    """
+    for name, v, hi in (("variant", variant, 8), ("splits", splits, 1025)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+            raise ValueError(f"{OP}.set_tuning: {name} must be an int in [0, {hi}), got {v!r}")
+    ext = extension().attention_decode
+    prev = tuple(ext.get_tuning())
+    ext.set_tuning(variant, splits)
+    return prev
