@@ -23,15 +23,15 @@ P="python3 bench/ops/profile_attention_decode.py"
   NCU="ncu --clock-control none"
   SECS="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
   t=$(date +%s)
-  timeout 80 $NCU $SECS -k regex:decode_ --log-file "$OUT/ncu_sections.txt" $P ncu-driver --ctx 1024 8192 --variants 0
+  timeout 70 $NCU $SECS -k regex:decode_ --log-file "$OUT/ncu_sections.txt" $P ncu-driver --ctx 1024 8192 --variants 0
   echo "ncu sections: rc $? $(( $(date +%s) - t )) s"; t=$(date +%s)
-  timeout 70 $P timings > "$OUT/timings.log" 2>&1
+  timeout 100 $P timings > "$OUT/timings.log" 2>&1
   echo "timings: rc $? $(( $(date +%s) - t )) s"; t=$(date +%s)
-  timeout 40 $NCU $SECS --cache-control none -k regex:combine --log-file "$OUT/ncu_combine.txt" $P ncu-driver --variants 0 2
+  timeout 35 $NCU $SECS --cache-control none -k regex:combine --log-file "$OUT/ncu_combine.txt" $P ncu-driver --variants 0 2
   echo "ncu combine: rc $? $(( $(date +%s) - t )) s"; t=$(date +%s)
-  timeout 25 $NCU --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+  timeout 20 $NCU --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     -k regex:_read_kernel --log-file "$OUT/ncu_read.txt" $P ncu-read --mb 33.6
   echo "ncu read: rc $? $(( $(date +%s) - t )) s"; t=$(date +%s)
-  timeout 50 $NCU --set full -k regex:decode_ --log-file "$OUT/ncu_full_26B.txt" $P ncu-driver --shapes "26B full" --variants 0
+  timeout 45 $NCU --set full -k regex:decode_ --log-file "$OUT/ncu_full_26B.txt" $P ncu-driver --shapes "26B full" --variants 0
   echo "ncu full: rc $? $(( $(date +%s) - t )) s"
 } 2>&1 | tee "$LOG"
