@@ -23,18 +23,25 @@ except ImportError:  # pragma: no cover - the GPU image has Triton
 if triton is not None:
 
     @triton.jit
-    def _read_kernel(x_ptr, out_ptr, n, iters, BLOCK: tl.constexpr):
+    def _read_kernel(x_ptr, out_ptr, n, iters, BLOCK: tl.constexpr, CONTIG: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for i in range(iters):  # block-cyclic: program p reads blocks p, p + nprog, ...
-            offs = (i * nprog + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        for i in range(iters):
+            if CONTIG:  # program p reads blocks p * iters .. p * iters + iters - 1 (as a split-KV CTA)
+                blk = pid * iters + i
+            else:  # block-cyclic: program p reads blocks p, p + nprog, ...
+                blk = i * nprog + pid
+            offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             acc += tl.load(x_ptr + offs, mask=offs < n, other=0, cache_modifier=".cg")
         tl.store(out_ptr + pid, tl.sum(acc))
 
 
 def read_time_us(nbytes: int, *, verbose: bool = False) -> tuple[float, str]:
-    """Fastest median µs of one read of ``nbytes`` over the grid shapes tried, and that shape."""
+    """Fastest median µs of one read of ``nbytes`` over the grid shapes tried, and that shape.
+
+    Also tried: a device copy (``copy_``) of nbytes / 2, which moves nbytes in all.
+    """
     if triton is None:
         raise RuntimeError("Triton is not installed")
     n = nbytes // 4
@@ -42,22 +49,34 @@ def read_time_us(nbytes: int, *, verbose: bool = False) -> tuple[float, str]:
     bufs = [torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device="cuda") for _ in range(n_sets)]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     best = (float("inf"), "")
-    for block, warps in ((4096, 8), (8192, 8), (16384, 16)):
+
+    def consider(t, shape):
+        nonlocal best
+        if verbose:
+            print(f"  read {nbytes / 1e6:8.1f} MB: {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s  ({shape})", flush=True)
+        if t < best[0]:
+            best = (t, shape)
+
+    for block, warps in ((4096, 8), (8192, 8)):
         blocks = -(-n // block)
-        for per_sm in (1, 2, 4, 8, 16, 0):  # 0: one block per program (no loop)
-            nprog = blocks if per_sm == 0 else min(blocks, sms * per_sm)
-            iters = -(-blocks // nprog)
-            out = torch.empty(nprog, dtype=torch.int32, device="cuda")
+        for contig in (False, True):
+            for per_sm in (2, 4, 8, 0):  # 0: one block per program (no loop)
+                if contig and per_sm == 0:
+                    continue
+                nprog = blocks if per_sm == 0 else min(blocks, sms * per_sm)
+                iters = -(-blocks // nprog)
+                nprog = -(-blocks // iters)
+                out = torch.empty(nprog, dtype=torch.int32, device="cuda")
 
-            def call(x, out=out, nprog=nprog, iters=iters, block=block, warps=warps):
-                _read_kernel[(nprog,)](x, out, n, iters, BLOCK=block, num_warps=warps)
+                def call(x, out=out, nprog=nprog, iters=iters, block=block, warps=warps, contig=contig):
+                    _read_kernel[(nprog,)](x, out, n, iters, BLOCK=block, CONTIG=contig, num_warps=warps)
 
-            t = time_graph([lambda x=x: call(x) for x in bufs], replays=20).median_us
-            shape = f"block {block * 4 // 1024} KB x {nprog} programs, {warps} warps"
-            if verbose:
-                print(f"  read {nbytes / 1e6:8.1f} MB: {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s  ({shape})", flush=True)
-            if t < best[0]:
-                best = (t, shape)
-    del bufs
+                t = time_graph([lambda x=x: call(x) for x in bufs], replays=20).median_us
+                order = "contiguous" if contig else "cyclic"
+                consider(t, f"Triton, {block * 4 // 1024} KB blocks x {nprog} programs, {order}")
+    halves = [(b[: n // 2], b[n // 2 : 2 * (n // 2)]) for b in bufs]
+    t = time_graph([lambda h=h: h[1].copy_(h[0]) for h in halves], replays=20).median_us
+    consider(t, "copy_ of half the bytes")
+    del bufs, halves
     torch.cuda.empty_cache()
     return best

@@ -92,7 +92,7 @@ def cmd_timings(args):
     # A chain of empty kernels in one graph: the per-launch floor of any kernel boundary.
     x = torch.zeros(1, device="cuda")
     for n in (1, 2):
-        t = time_graph([lambda: [x.add_(1) for _ in range(n)] for _ in range(20)], replays=30)
+        t = time_graph([lambda n=n: [x.add_(1) for _ in range(n)] for _ in range(20)], replays=30)
         print(f"empty-kernel chain: {t.median_us / n:.2f} us per kernel ({n} per call, no PDL)", flush=True)
 
     from bench.read_ceiling import read_time_us
@@ -103,19 +103,24 @@ def cmd_timings(args):
         print(f"read ceiling {mb:8.1f} MB: {t:8.2f} us  {nbytes / t / 1e6:5.2f} TB/s "
               f"{100 * nbytes / t / 1e3 / copy_gbs:4.0f}% of copy  ({shape})", flush=True)  # fmt: skip
 
-    variants = {0: "main", 1: "trig", 2: "wide", 3: "wide+trig", 4: "no-combine"}
+    # ad.VARIANT_* bits turn the session-3 changes off; 0 is the shipped launch. The session-3
+    # profiling run used the earlier numbering: main, +trigger, +wide, +both, no combine.
+    variants = {ad.VARIANT_MAIN: "main", ad.VARIANT_MAIN & ~ad.VARIANT_NO_EARLY_TRIGGER: "main+trig",
+                ad.VARIANT_ONE_CHAIN: "new-1chain", 0: "new", 4: "new-no-combine"}
     for label, (d, nH, nKV) in SHAPES.items():
         for B, ctxs in ((1, (1024, 8192, 65536)), (32, (1024, 8192))):
             for ctx in ctxs:
                 kv = B * ctx * nKV * d * 4
                 sets, pos = make_sets(B, ctx, d, nH, nKV, sets_to_rotate(kv))
                 splits = ad.extension().attention_decode.num_splits(B, 1, nH, nKV, d, ctx, _code())
+                prev = ad.set_tuning(ad.VARIANT_MAIN, 0)
                 ref = ops.attention_decode(sets[0][0], sets[0][1], sets[0][2], pos).float()
+                ad.set_tuning(*prev)
                 cells = []
                 for v, name in variants.items():
-                    if v != 0 and v != 4:
+                    if v != ad.VARIANT_MAIN and not v & ad.VARIANT_SKIP_COMBINE:
                         prev = ad.set_tuning(v, 0)
-                        out = ops.attention_decode(*sets[0], pos).float()
+                        out = ops.attention_decode(*sets[0], pos).float()  # vs main's output
                         ad.set_tuning(*prev)
                         err = (out - ref).abs().max().item()
                     else:
@@ -125,12 +130,12 @@ def cmd_timings(args):
                 print(f"{label:9s} B={B:<2d} ctx={ctx:<6d} {kv / 1e6:8.1f} MB splits={splits:<4d} | " + " | ".join(cells),
                       flush=True)  # fmt: skip
                 if B == 1 and ctx == 8192:
-                    for v in (0, 3):
+                    for v in (ad.VARIANT_MAIN, 0):
                         row = []
                         for s in args.splits:
                             row.append(f"{s}: {timed(sets, pos, ctx, v, s).median_us:6.2f}")
                         print(f"    splits sweep, variant {variants[v]:10s} " + " | ".join(row), flush=True)
-                    for v in (0, 3):
+                    for v in (ad.VARIANT_MAIN, 0):
                         print(f"    timeline, variant {variants[v]} (3 graph-replayed calls):")
                         try:
                             print("\n".join(timeline(sets, pos, ctx, v)), flush=True)
@@ -167,9 +172,10 @@ def cmd_ncu_read(args):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     block = 8192
     nprog = sms * args.per_sm
-    iters = -(-(-(-n // block)) // nprog)
+    blocks = (n + block - 1) // block
+    iters = (blocks + nprog - 1) // nprog
     out = torch.empty(nprog, dtype=torch.int32, device="cuda")
-    _read_kernel[(nprog,)](x, out, n, iters, BLOCK=block, num_warps=8)
+    _read_kernel[(nprog,)](x, out, n, iters, BLOCK=block, CONTIG=False, num_warps=8)
     torch.cuda.synchronize()
 
 

@@ -20,10 +20,10 @@ int num_sms() {
 
 // Opts the kernel into its dynamic shared memory (once per instantiation) and returns how many
 // of its CTAs fit one SM.
-template <typename T, int D>
+template <typename T, int D, int kChains>
 int prepare() {
   static const int ctas_per_sm = [] {
-    const auto kernel = decode_attention_kernel<T, D>;
+    const auto kernel = decode_attention_kernel<T, D, kChains>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<D>::kSmemBytes),
                "decode_attention: cudaFuncSetAttribute");
     int n = 0;
@@ -61,6 +61,9 @@ void launch(Kernel kernel, dim3 grid, unsigned threads, size_t smem, cudaStream_
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), name);
 }
 
+// Independent S = Q K^T accumulator chains in the split kernel (kVariantOneChain: 1).
+constexpr int kSChains = 4;
+
 template <typename Fn>
 auto with_head_dim(int head_dim, Fn&& fn) {
   switch (head_dim) {
@@ -83,18 +86,25 @@ auto with_type(DType dtype, Fn&& fn) {
 }
 
 struct Tuning {
-  int variant = kDefaultVariant;
+  int variant = 0;
   int splits = 0;
 };
 Tuning& tuning() {
-  static Tuning t;
+  static Tuning t = [] {
+    Tuning init;
+    const char* env = std::getenv("GEMMA4X_ATTN_DECODE_VARIANT");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    init.variant = v >= 0 && v < kNumVariants ? v : 0;
+    return init;
+  }();
   return t;
 }
 
 }  // namespace
 
 void set_tuning(int variant, int splits) {
-  GEMMA4X_CHECK_ARG(variant >= 0 && variant < 8, "decode_attention: variant ", variant, " is not in [0, 8)");
+  GEMMA4X_CHECK_ARG(variant >= 0 && variant < kNumVariants, "decode_attention: variant ", variant, " is not in [0, ",
+                    kNumVariants, ")");
   GEMMA4X_CHECK_ARG(splits >= 0 && splits <= kMaxSplits, "decode_attention: splits ", splits, " is not in [0, ",
                     kMaxSplits, "]");
   tuning().variant = variant;
@@ -116,7 +126,7 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
       // Fill whole waves of CTA slots (equal-length sequences give equal CTAs): the fewest
       // waves, up to 4, that keep >= 90% of the slots busy in the last one. Never more splits
       // than tiles (an idle split still costs a launch slot).
-      const long slots = static_cast<long>(num_sms()) * prepare<T, D>();
+      const long slots = static_cast<long>(num_sms()) * prepare<T, D, kSChains>();
       long splits = 0;
       for (int waves = 1; waves <= 4 && splits == 0; ++waves) {
         const long s = waves * slots / base;
@@ -126,6 +136,13 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
       if (tuning().splits > 0) splits = tuning().splits;
       if (splits > max_tiles) splits = max_tiles;
       if (splits > kMaxSplits) splits = kMaxSplits;
+      if (!(tuning().variant & kVariantNoSplitRounding) && splits > 1) {
+        // The kernel gives each split ceil(tiles / splits) tiles, so with `splits` that do not
+        // divide the tiles the last ones get none (66 splits of 256 tiles: 64 of 4, 2 empty).
+        // An empty split still takes a CTA slot and a partial for the combine to read.
+        const long per = (max_tiles + splits - 1) / splits;
+        splits = (max_tiles + per - 1) / per;
+      }
       return static_cast<int>(splits < 1 ? 1 : splits);
     });
   });
@@ -156,15 +173,28 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
     using T = decltype(t);
     with_head_dim(p.head_dim, [&](auto d) {
       constexpr int D = decltype(d)::value;
-      prepare<T, D>();
       const int variant = tuning().variant;
       DecodeParams q = p;
-      q.flags = (variant & kVariantCombineTriggersEarly) ? kFlagCombineTriggersEarly : 0;
+      q.flags = (variant & kVariantNoEarlyTrigger) ? 0 : kFlagCombineTriggersEarly;
       const dim3 grid(q.num_splits, q.num_kv_heads * q.row_groups, q.batch);
-      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, q, "decode_attention_kernel");
+      if (variant & kVariantOneChain) {
+        prepare<T, D, 1>();
+        launch(decode_attention_kernel<T, D, 1>, grid, kThreads, Tile<D>::kSmemBytes, stream, q,
+               "decode_attention_kernel");
+      } else {
+        prepare<T, D, kSChains>();
+        launch(decode_attention_kernel<T, D, kSChains>, grid, kThreads, Tile<D>::kSmemBytes, stream, q,
+               "decode_attention_kernel");
+      }
       if (q.num_splits > 1 && !(variant & kVariantSkipCombine)) {
         const unsigned rows = static_cast<unsigned>(q.batch) * q.tq * q.num_heads;
-        if (variant & kVariantWideCombine) {
+        // The wide combine spreads a row over D / 64 CTAs with all its loads in flight: the
+        // faster merge of many splits at batch 1 (-2.5 to -3 us at 8k), but at batch 32 its
+        // 4096 small CTAs cost more than they save (26B, 2 splits: 45.6 -> 60.7 us at 1k).
+        const long wide_ctas = static_cast<long>(rows) * (D / (4 * kWideCols4));
+        const bool wide = (variant & kVariantWideCombine) ||
+                          (!(variant & kVariantOldCombine) && wide_ctas <= 4L * num_sms());
+        if (wide) {
           launch(decode_combine_wide_kernel<T, D>, dim3(rows, D / (4 * kWideCols4)), kWideThreads, 0, stream, q,
                  "decode_combine_wide_kernel");
         } else {
