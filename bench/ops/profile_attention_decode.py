@@ -106,7 +106,7 @@ def cmd_timings(args):
     # ad.VARIANT_* bits turn the session-3 changes off; 0 is the shipped launch. The session-3
     # profiling run used the earlier numbering: main, +trigger, +wide, +both, no combine.
     variants = {ad.VARIANT_MAIN: "main", ad.VARIANT_MAIN & ~ad.VARIANT_NO_EARLY_TRIGGER: "main+trig",
-                ad.VARIANT_ONE_CHAIN: "new-1chain", 0: "new", 4: "new-no-combine"}
+                ad.VARIANT_NO_SPLIT_ROUNDING: "new-unrounded", 0: "new", ad.VARIANT_SKIP_COMBINE: "new-no-combine"}
     for label, (d, nH, nKV) in SHAPES.items():
         for B, ctxs in ((1, (1024, 8192, 65536)), (32, (1024, 8192))):
             for ctx in ctxs:
@@ -118,7 +118,7 @@ def cmd_timings(args):
                 ad.set_tuning(*prev)
                 cells = []
                 for v, name in variants.items():
-                    if v != ad.VARIANT_MAIN and not v & ad.VARIANT_SKIP_COMBINE:
+                    if v != ad.VARIANT_MAIN and not v & ad.VARIANT_SKIP_COMBINE:  # compare outputs
                         prev = ad.set_tuning(v, 0)
                         out = ops.attention_decode(*sets[0], pos).float()  # vs main's output
                         ad.set_tuning(*prev)

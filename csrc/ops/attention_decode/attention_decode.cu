@@ -20,10 +20,10 @@ int num_sms() {
 
 // Opts the kernel into its dynamic shared memory (once per instantiation) and returns how many
 // of its CTAs fit one SM.
-template <typename T, int D, int kChains>
+template <typename T, int D>
 int prepare() {
   static const int ctas_per_sm = [] {
-    const auto kernel = decode_attention_kernel<T, D, kChains>;
+    const auto kernel = decode_attention_kernel<T, D>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<D>::kSmemBytes),
                "decode_attention: cudaFuncSetAttribute");
     int n = 0;
@@ -60,9 +60,6 @@ void launch(Kernel kernel, dim3 grid, unsigned threads, size_t smem, cudaStream_
   cfg.numAttrs = use_pdl() ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), name);
 }
-
-// Independent S = Q K^T accumulator chains in the split kernel (kVariantOneChain: 1).
-constexpr int kSChains = 4;
 
 template <typename Fn>
 auto with_head_dim(int head_dim, Fn&& fn) {
@@ -126,7 +123,7 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
       // Fill whole waves of CTA slots (equal-length sequences give equal CTAs): the fewest
       // waves, up to 4, that keep >= 90% of the slots busy in the last one. Never more splits
       // than tiles (an idle split still costs a launch slot).
-      const long slots = static_cast<long>(num_sms()) * prepare<T, D, kSChains>();
+      const long slots = static_cast<long>(num_sms()) * prepare<T, D>();
       long splits = 0;
       for (int waves = 1; waves <= 4 && splits == 0; ++waves) {
         const long s = waves * slots / base;
@@ -177,15 +174,8 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
       DecodeParams q = p;
       q.flags = (variant & kVariantNoEarlyTrigger) ? 0 : kFlagCombineTriggersEarly;
       const dim3 grid(q.num_splits, q.num_kv_heads * q.row_groups, q.batch);
-      if (variant & kVariantOneChain) {
-        prepare<T, D, 1>();
-        launch(decode_attention_kernel<T, D, 1>, grid, kThreads, Tile<D>::kSmemBytes, stream, q,
-               "decode_attention_kernel");
-      } else {
-        prepare<T, D, kSChains>();
-        launch(decode_attention_kernel<T, D, kSChains>, grid, kThreads, Tile<D>::kSmemBytes, stream, q,
-               "decode_attention_kernel");
-      }
+      prepare<T, D>();
+      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, q, "decode_attention_kernel");
       if (q.num_splits > 1 && !(variant & kVariantSkipCombine)) {
         const unsigned rows = static_cast<unsigned>(q.batch) * q.tq * q.num_heads;
         // The wide combine spreads a row over D / 64 CTAs with all its loads in flight: the

@@ -24,11 +24,10 @@ void decode_attention(const DecodeParams& params, DType dtype, cudaStream_t stre
 constexpr int kVariantNoEarlyTrigger = 1;  // the combine does not let the next kernel launch early (PDL)
 constexpr int kVariantOldCombine = 2;      // decode_combine_kernel always (no decode_combine_wide_kernel)
 constexpr int kVariantSkipCombine = 4;     // timing only: no combine launch (the output is not written)
-constexpr int kVariantOneChain = 8;        // S = Q K^T as one MMA chain (the session-2 split kernel)
-constexpr int kVariantNoSplitRounding = 16;  // keep the wave-filling split count even if some splits get no tile
-constexpr int kVariantWideCombine = 32;    // decode_combine_wide_kernel whatever the grid (tests)
-constexpr int kVariantMain = kVariantNoEarlyTrigger | kVariantOldCombine | kVariantOneChain | kVariantNoSplitRounding;
-constexpr int kNumVariants = 64;
+constexpr int kVariantNoSplitRounding = 8;  // keep the wave-filling split count even if some splits get no tile
+constexpr int kVariantWideCombine = 16;     // decode_combine_wide_kernel whatever the grid (tests)
+constexpr int kVariantMain = kVariantNoEarlyTrigger | kVariantOldCombine | kVariantNoSplitRounding;
+constexpr int kNumVariants = 32;
 void set_tuning(int variant, int splits);
 int tuning_variant();
 int tuning_splits();

@@ -202,11 +202,10 @@ def attention_decode_or_sdpa(
 VARIANT_NO_EARLY_TRIGGER = 1  # the combine kernel does not let the next kernel launch early (PDL)
 VARIANT_OLD_COMBINE = 2  # the one-CTA-per-row combine kernel at every size
 VARIANT_SKIP_COMBINE = 4  # timing only: no combine launch, the output is left unwritten
-VARIANT_ONE_CHAIN = 8  # S = Q K^T as one MMA chain
-VARIANT_NO_SPLIT_ROUNDING = 16  # keep splits that get no tile
-VARIANT_WIDE_COMBINE = 32  # the wide combine kernel at every size
-VARIANT_MAIN = 1 | 2 | 8 | 16  # the session-2 launch
-NUM_VARIANTS = 64
+VARIANT_NO_SPLIT_ROUNDING = 8  # keep splits that get no tile
+VARIANT_WIDE_COMBINE = 16  # the wide combine kernel at every size
+VARIANT_MAIN = 1 | 2 | 8  # the session-2 launch
+NUM_VARIANTS = 32
 
 
 def set_tuning(variant: int, splits: int = 0) -> tuple:

@@ -141,9 +141,8 @@ __device__ __forceinline__ void visible_rows(const DecodeParams& p, int b, int& 
   }
 }
 
-template <typename T, int D, int kChains>
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __grid_constant__ DecodeParams p) {
-  static_assert(kChains >= 1 && 8 % kChains == 0 && (D / 16) % kChains == 0, "whole rounds of S chains");
   using Cfg = Tile<D>;
   constexpr int kN = Cfg::kN;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -241,52 +240,32 @@ __global__ void __launch_bounds__(kThreads, 1) decode_attention_kernel(const __g
     const uint32_t sK_addr = smem_addr(sK + stage * (kN * D));
     const uint32_t sV_addr = smem_addr(sV + stage * (kN * D));
 
-    // ---- S = Q K^T for this warp's keys: kChains independent accumulator chains over the D/16
-    // k-steps (step ks feeds chain ks % kChains), summed at the end. One chain is D/16 dependent
-    // MMAs, whose latency the tile's compute pays in full at batch 1 (4 warps per SM).
+    // ---- S = Q K^T for this warp's keys.
     float s[Cfg::kNTiles][4];
-    float sc[kChains][Cfg::kNTiles][4];
 #pragma unroll
-    for (int ch = 0; ch < kChains; ++ch) {
-#pragma unroll
-      for (int n = 0; n < Cfg::kNTiles; ++n) sc[ch][n][0] = sc[ch][n][1] = sc[ch][n][2] = sc[ch][n][3] = 0.f;
-    }
+    for (int n = 0; n < Cfg::kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
     const int key0 = warp * Cfg::kKeysPerWarp;
-#pragma unroll (8 / kChains)
-    for (int ks0 = 0; ks0 < D / 16; ks0 += kChains) {
-#pragma unroll
-      for (int ch = 0; ch < kChains; ++ch) {
-        const int ks = ks0 + ch;
-        uint32_t a[4];
-        {
-          const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-          const int c = ks * 2 + (lane >> 4);
-          ldsm_x4(a, sQ_addr + swz<D>(r, c) * 2);
-        }
-        if constexpr (Cfg::kNTiles == 2) {
-          uint32_t bk[4];
-          const int r = key0 + (lane & 7) + (lane >> 4) * 8;
-          const int c = ks * 2 + ((lane >> 3) & 1);
-          ldsm_x4(bk, sK_addr + swz<D>(r, c) * 2);
-          Mma<T>::run(sc[ch][0], a, bk[0], bk[1]);
-          Mma<T>::run(sc[ch][1], a, bk[2], bk[3]);
-        } else {
-          uint32_t bk[2];
-          const int r = key0 + (lane & 7);
-          const int c = ks * 2 + ((lane >> 3) & 1);
-          ldsm_x2(bk, sK_addr + swz<D>(r, c) * 2);
-          Mma<T>::run(sc[ch][0], a, bk[0], bk[1]);
-        }
+#pragma unroll 8
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4];
+      {
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int c = ks * 2 + (lane >> 4);
+        ldsm_x4(a, sQ_addr + swz<D>(r, c) * 2);
       }
-    }
-#pragma unroll
-    for (int n = 0; n < Cfg::kNTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = sc[0][n][e];
-#pragma unroll
-        for (int ch = 1; ch < kChains; ++ch) v += sc[ch][n][e];
-        s[n][e] = v;
+      if constexpr (Cfg::kNTiles == 2) {
+        uint32_t bk[4];
+        const int r = key0 + (lane & 7) + (lane >> 4) * 8;
+        const int c = ks * 2 + ((lane >> 3) & 1);
+        ldsm_x4(bk, sK_addr + swz<D>(r, c) * 2);
+        Mma<T>::run(s[0], a, bk[0], bk[1]);
+        Mma<T>::run(s[1], a, bk[2], bk[3]);
+      } else {
+        uint32_t bk[2];
+        const int r = key0 + (lane & 7);
+        const int c = ks * 2 + ((lane >> 3) & 1);
+        ldsm_x2(bk, sK_addr + swz<D>(r, c) * 2);
+        Mma<T>::run(s[0], a, bk[0], bk[1]);
       }
     }
 
