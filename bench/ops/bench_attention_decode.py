@@ -9,8 +9,13 @@ the device copy bandwidth measured in the same run, for:
                backend at a time (flash, efficient, cudnn; math only when small)
   flex         FlexAttention (torch.compile), with --flex (first shape, --flex-ctx contexts)
 Each call is timed inside a CUDA graph over rotated caches (harness.time_graph).
+--variants V ... times gemma4x under each launch variant (ops.attention_decode.set_tuning bitmask;
+0 = the session-2 launch) in the same run, as gemma4x.vV. --read-ceiling also times a one-kernel
+read of the same number of bytes (bench/read_ceiling.py) for steps up to 1.1 GB and prints % of it
+beside % of the 2 GiB copy ceiling: a small read cannot reach the big copy's rate.
 
     python bench/ops/bench_attention_decode.py [--ctx 1024 8192 65536 131072] [--batch 1 32] [--flex]
+        [--variants 0 3] [--read-ceiling]
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.harness import Report, copy_bandwidth_gbs, sets_to_rotate, time_graph  # noqa: E402
+from bench.read_ceiling import read_time_us  # noqa: E402
 from gemma4x import ops  # noqa: E402
+from gemma4x.ops.attention_decode import set_tuning  # noqa: E402
 from gemma4x.reference.attention import attention_sdpa_single_query  # noqa: E402
 
 # (label, head_dim, q heads, kv heads)
@@ -56,6 +63,8 @@ def main():
     p.add_argument("--flex-ctx", type=int, nargs="+", default=[8192], help="contexts FlexAttention is timed at")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--tag", default="")
+    p.add_argument("--variants", type=int, nargs="+", default=None, help="launch variants to time (set_tuning)")
+    p.add_argument("--read-ceiling", action="store_true", help="also time a one-kernel read of the same bytes")
     args = p.parse_args()
 
     warnings.filterwarnings("ignore", category=UserWarning)  # SDPA explains each backend it skips
@@ -87,9 +96,23 @@ def main():
                     sets.append((q, kc, vc))
                 pos = torch.full((B, 1), ctx - 1, dtype=torch.long, device="cuda")
                 k_pos = torch.arange(ctx, device="cuda")[None].expand(B, ctx)
-                impls = {
-                    "gemma4x": lambda q, kc, vc: ops.attention_decode(q, kc, vc, pos, max_kv_len=ctx),
-                }
+                impls = {}
+                if args.variants is None:
+                    impls["gemma4x"] = lambda q, kc, vc: ops.attention_decode(q, kc, vc, pos, max_kv_len=ctx)
+                else:
+                    for v in args.variants:
+
+                        def run_variant(q, kc, vc, v=v):
+                            prev = set_tuning(v, 0)  # read at launch: the captured graph keeps it
+                            try:
+                                return ops.attention_decode(q, kc, vc, pos, max_kv_len=ctx)
+                            finally:
+                                set_tuning(*prev)
+
+                        impls[f"gemma4x.v{v}"] = run_variant
+                read_us = None
+                if args.read_ceiling and kv_bytes <= 1.1e9:
+                    read_us, _ = read_time_us(kv_bytes)
                 if not args.no_baselines:
                     impls["prev"] = lambda q, kc, vc: attention_sdpa_single_query(q, kc, vc, pos, k_pos)
                     for name, be in sdpa_backends().items():
@@ -120,14 +143,21 @@ def main():
                         report.add(shape=label, batch=B, ctx=ctx, impl=name, error=f"{type(exc).__name__}: {exc}"[:200])
                         continue
                     tbs = kv_bytes / (t.median_us * 1e-6) / 1e12
+                    pct_read = None if read_us is None else 100 * read_us / t.median_us
                     report.add(
                         shape=label, head_dim=d, q_heads=nH, kv_heads=nKV, batch=B, ctx=ctx, impl=name,
                         us=t.median_us, p10_us=t.p10_us, p90_us=t.p90_us, kv_MB=kv_bytes / 1e6,
-                        TBps=tbs, pct_copy=100 * tbs * 1e3 / copy_gbs, max_abs_diff_vs_gemma4x=err,
+                        TBps=tbs, pct_copy=100 * tbs * 1e3 / copy_gbs, pct_read_same_size=pct_read,
+                        max_abs_diff_vs_gemma4x=err,
                     )  # fmt: skip
-                    cells.append(f"{name} {t.median_us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}%")
-                print(f"{label:9s} hd{d} {nH}/{nKV} B={B:<3d} ctx={ctx:<7d} {kv_bytes / 1e6:9.1f}MB | " + " | ".join(cells),
-                      flush=True)  # fmt: skip
+                    cell = f"{name} {t.median_us:8.1f}us {tbs:5.2f}TB/s {100 * tbs * 1e3 / copy_gbs:3.0f}%"
+                    if pct_read is not None:
+                        cell += f" ({pct_read:3.0f}% of read)"
+                    cells.append(cell)
+                head = f"{label:9s} hd{d} {nH}/{nKV} B={B:<3d} ctx={ctx:<7d} {kv_bytes / 1e6:9.1f}MB"
+                if read_us is not None:
+                    head += f" read {read_us:7.1f}us {kv_bytes / read_us / 1e6:4.2f}TB/s"
+                print(head + " | " + " | ".join(cells), flush=True)
                 del sets, impls
                 torch.cuda.empty_cache()
     print("wrote", report.write())

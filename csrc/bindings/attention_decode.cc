@@ -22,6 +22,12 @@ void register_attention_decode(py::module_& m) {
       py::arg("batch"), py::arg("tq"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
       py::arg("max_rows"), py::arg("dtype"));
 
+  // Benchmark knobs: variant bitmask (kVariant* in attention_decode.h) and a split-count
+  // override (0 = heuristic). Read at launch time.
+  m.def("set_tuning", [](int32_t variant, int32_t splits) { set_tuning(variant, splits); }, py::arg("variant"),
+        py::arg("splits"));
+  m.def("get_tuning", [] { return py::make_tuple(tuning_variant(), tuning_splits()); });
+
   // out[b, t, h] = softmax(scale q k^T) v over the cache rows sequence b may see.
   m.def(
       "decode",

@@ -8,15 +8,19 @@ Full-layer cache rows past each sequence's length hold NaN: a kernel that read o
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+import gemma4x.ops.attention_decode  # noqa: F401
 from gemma4x import ops
 from gemma4x.reference.attention import attention, attention_sdpa
 from gemma4x.reference.attention_decode import attention_decode as ref_decode
 from gemma4x.reference.attention_decode import dense_kv
 
 pytestmark = pytest.mark.cuda
+ad_mod = sys.modules["gemma4x.ops.attention_decode"]  # the package re-exports a function of this name
 
 GQA = [(16, 8), (16, 2), (32, 16), (32, 4), (8, 1), (8, 2), (16, 1)]
 
@@ -149,3 +153,41 @@ def test_layer_decode_matches_reference_attention():
     exact = attention(q.float(), K.float(), V.float(), q_pos, k_pos)
     err_torch = (attention_sdpa(q, K, V, q_pos, k_pos).float() - exact).abs().max().item()
     assert (o.float() - exact).abs().max().item() <= 2 * err_torch + 2**-10
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ad_mod.VARIANT_MAIN,
+        ad_mod.VARIANT_OLD_COMBINE,
+        ad_mod.VARIANT_WIDE_COMBINE,
+        ad_mod.VARIANT_NO_EARLY_TRIGGER | ad_mod.VARIANT_NO_SPLIT_ROUNDING,
+    ],
+)
+@pytest.mark.parametrize("case", ["long_b1", "mixed_tq3", "ring"])
+def test_launch_variants_match_reference(variant, case):
+    """Every launch variant (set_tuning) computes the same attention: both combine kernels, with
+    and without the early PDL trigger and split rounding."""
+    prev = ad_mod.set_tuning(variant, 0)
+    try:
+        if case == "long_b1":
+            check(*build([8191], nH=16, nKV=2, d=512))
+        elif case == "mixed_tq3":
+            check(*build([1, 70, 1025, 3000], nH=32, nKV=4, d=512, Tq=3, slots=[1, 3, 0, 2]))
+        else:
+            q, kc, vc, q_pos, st, rp = build([5, 1500, 2100], nH=16, nKV=8, d=256, ring=1024)
+            check(q, kc, vc, q_pos, st, rp, window_left=1023)
+    finally:
+        ad_mod.set_tuning(*prev)
+
+
+def test_split_override_and_tuning_validation():
+    prev = ad_mod.set_tuning(0, 7)  # 7 splits whatever the heuristic says
+    try:
+        check(*build([5000], nH=16, nKV=2, d=512))
+    finally:
+        ad_mod.set_tuning(*prev)
+    for bad in ((-1, 0), (ad_mod.NUM_VARIANTS, 0), (0, -1), (0, 1025), (True, 0)):
+        with pytest.raises(ValueError, match="set_tuning"):
+            ad_mod.set_tuning(*bad)
+    assert ad_mod.set_tuning(*prev) == prev

@@ -82,7 +82,33 @@ auto with_type(DType dtype, Fn&& fn) {
   fail_argument("decode_attention: dtype ", dtype_name(dtype), " is not supported (expected bfloat16 or float16)");
 }
 
+struct Tuning {
+  int variant = 0;
+  int splits = 0;
+};
+Tuning& tuning() {
+  static Tuning t = [] {
+    Tuning init;
+    const char* env = std::getenv("GEMMA4X_ATTN_DECODE_VARIANT");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    init.variant = v >= 0 && v < kNumVariants ? v : 0;
+    return init;
+  }();
+  return t;
+}
+
 }  // namespace
+
+void set_tuning(int variant, int splits) {
+  GEMMA4X_CHECK_ARG(variant >= 0 && variant < kNumVariants, "decode_attention: variant ", variant, " is not in [0, ",
+                    kNumVariants, ")");
+  GEMMA4X_CHECK_ARG(splits >= 0 && splits <= kMaxSplits, "decode_attention: splits ", splits, " is not in [0, ",
+                    kMaxSplits, "]");
+  tuning().variant = variant;
+  tuning().splits = splits;
+}
+int tuning_variant() { return tuning().variant; }
+int tuning_splits() { return tuning().splits; }
 
 int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim, int max_rows, DType dtype) {
   GEMMA4X_CHECK_ARG(batch >= 1 && tq >= 1 && num_kv_heads >= 1 && num_heads % num_kv_heads == 0,
@@ -104,8 +130,16 @@ int num_splits(int batch, int tq, int num_heads, int num_kv_heads, int head_dim,
         if (s >= 1 && 10 * base * s >= 9L * waves * slots) splits = s;
       }
       if (splits == 0) splits = (2 * slots + base - 1) / base;
+      if (tuning().splits > 0) splits = tuning().splits;
       if (splits > max_tiles) splits = max_tiles;
       if (splits > kMaxSplits) splits = kMaxSplits;
+      if (!(tuning().variant & kVariantNoSplitRounding) && splits > 1) {
+        // The kernel gives each split ceil(tiles / splits) tiles, so with `splits` that do not
+        // divide the tiles the last ones get none (66 splits of 256 tiles: 64 of 4, 2 empty).
+        // An empty split still takes a CTA slot and a partial for the combine to read.
+        const long per = (max_tiles + splits - 1) / splits;
+        splits = (max_tiles + per - 1) / per;
+      }
       return static_cast<int>(splits < 1 ? 1 : splits);
     });
   });
@@ -136,12 +170,26 @@ void decode_attention(const DecodeParams& p, DType dtype, cudaStream_t stream) {
     using T = decltype(t);
     with_head_dim(p.head_dim, [&](auto d) {
       constexpr int D = decltype(d)::value;
+      const int variant = tuning().variant;
+      DecodeParams q = p;
+      q.flags = (variant & kVariantNoEarlyTrigger) ? 0 : kFlagCombineTriggersEarly;
+      const dim3 grid(q.num_splits, q.num_kv_heads * q.row_groups, q.batch);
       prepare<T, D>();
-      const dim3 grid(p.num_splits, p.num_kv_heads * p.row_groups, p.batch);
-      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, p, "decode_attention_kernel");
-      if (p.num_splits > 1) {
-        const unsigned rows = static_cast<unsigned>(p.batch) * p.tq * p.num_heads;
-        launch(decode_combine_kernel<T, D>, dim3(rows), kCombineThreads, 0, stream, p, "decode_combine_kernel");
+      launch(decode_attention_kernel<T, D>, grid, kThreads, Tile<D>::kSmemBytes, stream, q, "decode_attention_kernel");
+      if (q.num_splits > 1 && !(variant & kVariantSkipCombine)) {
+        const unsigned rows = static_cast<unsigned>(q.batch) * q.tq * q.num_heads;
+        // The wide combine spreads a row over D / 64 CTAs with all its loads in flight: the
+        // faster merge of many splits at batch 1 (-2.5 to -3 us at 8k), but at batch 32 its
+        // 4096 small CTAs cost more than they save (26B, 2 splits: 45.6 -> 60.7 us at 1k).
+        const long wide_ctas = static_cast<long>(rows) * (D / (4 * kWideCols4));
+        const bool wide = (variant & kVariantWideCombine) ||
+                          (!(variant & kVariantOldCombine) && wide_ctas <= 4L * num_sms());
+        if (wide) {
+          launch(decode_combine_wide_kernel<T, D>, dim3(rows, D / (4 * kWideCols4)), kWideThreads, 0, stream, q,
+                 "decode_combine_wide_kernel");
+        } else {
+          launch(decode_combine_kernel<T, D>, dim3(rows), kCombineThreads, 0, stream, q, "decode_combine_kernel");
+        }
       }
       return 0;
     });

@@ -195,3 +195,29 @@ def attention_decode_or_sdpa(
     return attention_decode_sdpa_single_query(
         q, k_cache, v_cache, q_pos, slots, ring_pos, window_left=window_left, scale=scale, max_kv_len=max_kv_len
     )
+
+
+# Bits of set_tuning's variant (kVariant* in csrc/ops/attention_decode/attention_decode.h): 0 is
+# the shipped launch; each bit turns one session-3 change off or forces a path.
+VARIANT_NO_EARLY_TRIGGER = 1  # the combine kernel does not let the next kernel launch early (PDL)
+VARIANT_OLD_COMBINE = 2  # the one-CTA-per-row combine kernel at every size
+VARIANT_SKIP_COMBINE = 4  # timing only: no combine launch, the output is left unwritten
+VARIANT_NO_SPLIT_ROUNDING = 8  # keep splits that get no tile
+VARIANT_WIDE_COMBINE = 16  # the wide combine kernel at every size
+VARIANT_MAIN = 1 | 2 | 8  # the session-2 launch
+NUM_VARIANTS = 32
+
+
+def set_tuning(variant: int, splits: int = 0) -> tuple:
+    """Benchmark knob: launch variant bitmask and split-count override (0 = heuristic).
+
+    Process-wide and read at launch, so a CUDA graph keeps the setting it was captured with.
+    Returns the previous ``(variant, splits)``.
+    """
+    for name, v, hi in (("variant", variant, NUM_VARIANTS), ("splits", splits, 1025)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+            raise ValueError(f"{OP}.set_tuning: {name} must be an int in [0, {hi}), got {v!r}")
+    ext = extension().attention_decode
+    prev = tuple(ext.get_tuning())
+    ext.set_tuning(variant, splits)
+    return prev

@@ -431,6 +431,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const _
   __shared__ float s_w[kMaxSplits];
   __shared__ float red[32];
   __shared__ float4 s_acc[kCombineThreads];
+  if (p.flags & kFlagCombineTriggersEarly) grid_dependency_trigger();
   grid_dependency_wait();  // the partials of every split
   const int row = blockIdx.x;  // (b * Tq + t) * nH + h
   const int h = row % p.num_heads;
@@ -477,6 +478,100 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const _
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
   T* dst = static_cast<T*>(p.out) + b * p.out_stride_b + t * p.out_stride_t + h * p.out_stride_h + col * 4;
+  uint2 packed;
+  packed.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
+  packed.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+// The same merge spread over more CTAs, each with every load in flight at once: one CTA per
+// (b, t, h) row and 64 output columns, 16 groups of 16 threads (one float4 column each) that
+// take splits grp, grp + 16, ... The first kWidePer splits of every group are loaded (partials
+// and lse together) before any of them is used, so a merge of up to 16 * kWidePer splits costs
+// one L2 round trip plus a block max, where the kernel above chains several.
+constexpr int kWideThreads = 256;
+constexpr int kWideCols4 = 16;                         // float4 columns per CTA: 64 outputs
+constexpr int kWideGroups = kWideThreads / kWideCols4;  // splits read side by side
+constexpr int kWidePer = 8;                            // splits per thread per round
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWideThreads) decode_combine_wide_kernel(const __grid_constant__ DecodeParams p) {
+  static_assert(D % (4 * kWideCols4) == 0, "whole CTAs of 64 columns");
+  __shared__ float red[32];
+  __shared__ float4 s_acc[kWideThreads];
+  __shared__ float s_wsum[kWideGroups];
+  if (p.flags & kFlagCombineTriggersEarly) grid_dependency_trigger();
+  grid_dependency_wait();  // the partials of every split
+  const int row = blockIdx.x;  // (b * Tq + t) * nH + h
+  const int h = row % p.num_heads;
+  const int bt = row / p.num_heads;
+  const int t = bt % p.tq, b = bt / p.tq;
+  const int tid = threadIdx.x, col4 = tid % kWideCols4, grp = tid / kWideCols4;
+  const int c = (blockIdx.y * kWideCols4 + col4) * 4;  // first of this thread's 4 columns
+  const int64_t rows_per_split = static_cast<int64_t>(p.batch) * p.tq * p.num_heads;
+  const float* lse = p.lse_part + row;
+  const float* src = p.o_part + static_cast<int64_t>(row) * D + c;
+  const int n = p.num_splits;
+  constexpr int kRound = kWideGroups * kWidePer;
+
+  float4 v[kWidePer];
+  float l[kWidePer];
+#pragma unroll
+  for (int j = 0; j < kWidePer; ++j) {
+    const int s = grp + j * kWideGroups;
+    l[j] = s < n ? lse[s * rows_per_split] : -INFINITY;
+    v[j] = s < n ? *reinterpret_cast<const float4*>(src + s * rows_per_split * D) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kWidePer; ++j) mx = fmaxf(mx, l[j]);
+  for (int s = grp + kRound; s < n; s += kWideGroups) mx = fmaxf(mx, lse[s * rows_per_split]);
+  mx = block_allreduce<true>(mx, red);
+  const float m_use = mx == -INFINITY ? 0.f : mx;  // no split saw a key: every weight is 0
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kWidePer; ++j) {
+    const float w = exp2f(l[j] - m_use);  // exp2(-inf) = 0: empty or absent splits
+    wsum += w;
+    acc.x += w * v[j].x;
+    acc.y += w * v[j].y;
+    acc.z += w * v[j].z;
+    acc.w += w * v[j].w;
+  }
+  for (int s0 = kRound; s0 < n; s0 += kRound) {  // more than 128 splits: further rounds
+#pragma unroll
+    for (int j = 0; j < kWidePer; ++j) {
+      const int s = s0 + grp + j * kWideGroups;
+      l[j] = s < n ? lse[s * rows_per_split] : -INFINITY;
+      v[j] = s < n ? *reinterpret_cast<const float4*>(src + s * rows_per_split * D) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < kWidePer; ++j) {
+      const float w = exp2f(l[j] - m_use);
+      wsum += w;
+      acc.x += w * v[j].x;
+      acc.y += w * v[j].y;
+      acc.z += w * v[j].z;
+      acc.w += w * v[j].w;
+    }
+  }
+  s_acc[tid] = acc;
+  if (col4 == 0) s_wsum[grp] = wsum;
+  __syncthreads();
+  if (grp != 0) return;
+  float total = s_wsum[0];
+#pragma unroll
+  for (int g = 1; g < kWideGroups; ++g) {
+    const float4 u = s_acc[g * kWideCols4 + col4];
+    acc.x += u.x;
+    acc.y += u.y;
+    acc.z += u.z;
+    acc.w += u.w;
+    total += s_wsum[g];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = static_cast<T*>(p.out) + b * p.out_stride_b + t * p.out_stride_t + h * p.out_stride_h + c;
   uint2 packed;
   packed.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
   packed.y = Mma<T>::pack(acc.z * inv, acc.w * inv);

@@ -33,6 +33,11 @@ struct DecodeParams {
   int32_t row_groups;   // ceil(Tq * nH / nKV / 16): 16 query rows per CTA
   int32_t window_left;  // keys with q_pos - k_pos <= window_left; < 0 = unbounded
   float scale_log2;     // softmax scale * log2(e)
+  int32_t flags;        // kFlag* bits below, set by the launcher
 };
+
+// The combine kernel lets the next kernel on the stream launch (PDL) as soon as it starts, so
+// that kernel's CTAs are resident and waiting when the combine ends.
+constexpr int32_t kFlagCombineTriggersEarly = 1;
 
 }  // namespace gemma4x::attention_decode
