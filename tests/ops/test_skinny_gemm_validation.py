@@ -49,16 +49,3 @@ def test_cpu_tensors_are_refused_and_linear_falls_back():
         gemv.skinny_gemm(x, w)
     assert not gemv.supported(x, w)
     assert torch.equal(gemv.linear(x, w), F.linear(x, w))
-
-
-def test_split_policy():
-    # Many row blocks: no split (the LM head, 31B q/k/v).
-    assert gemv.splits_for(262144, 2816, 132) == 1
-    assert gemv.splits_for(16384, 5376, 132) == 1
-    # Few row blocks: split K until ~8 CTAs per SM, each split >= 512 columns.
-    assert gemv.splits_for(2816, 4096, 132) == 6  # 176 blocks
-    assert gemv.splits_for(2816, 2112, 132) == 4  # capped by 66 steps // 16
-    assert gemv.splits_for(16, 32, 132) == 1
-    for N, K in ((8192, 2816), (2560, 1536), (1536, 6144)):
-        s = gemv.splits_for(N, K, 132)
-        assert 1 <= s and (s == 1 or K // 32 // s >= 16)

@@ -10,7 +10,7 @@ constexpr const char* kOp = "skinny_gemm";
 
 template <typename T>
 void launch(const SkinnyGemmParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.n / kRows), static_cast<unsigned>(p.splits));
+  const dim3 grid(static_cast<unsigned>(p.n / kRows));
   if (p.m <= 8) {
     skinny_gemm_kernel<T, 1><<<grid, kWarps * 32, 0, stream>>>(p);
   } else {
@@ -31,10 +31,6 @@ void skinny_gemm(const SkinnyGemmParams& p, DType dtype, cudaStream_t stream) {
                     ": x must be 16-byte aligned with a row stride >= K that is a multiple of 8, got stride ",
                     p.x_stride);
   GEMMA4X_CHECK_ARG(p.y != nullptr && p.y_stride >= p.n, kOp, ": y row stride must be >= N, got ", p.y_stride);
-  GEMMA4X_CHECK_ARG(p.splits >= 1 && p.splits <= p.k / kStepK, kOp, ": splits must be in [1, K / ", kStepK, " = ",
-                    p.k / kStepK, "], got ", p.splits);
-  GEMMA4X_CHECK_ARG(p.splits == 1 || (p.partials != nullptr && is_aligned(p.partials, 16) && p.counters != nullptr),
-                    kOp, ": a K split needs a 16-byte aligned partials workspace and a counters buffer");
   if (p.m == 0) return;
   if (dtype == DType::kBFloat16) {
     launch<__nv_bfloat16>(p, stream);

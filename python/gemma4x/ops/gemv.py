@@ -4,8 +4,7 @@ At decode a linear layer reads its whole weight for one to a few tokens: pure me
 cuBLAS serves these shapes with split-K kernels plus a separate reduction, far from the memory
 bandwidth on the few-MB weights of a Gemma 4 layer (bench/RESULTS.md). ``skinny_gemm`` streams
 the weight once with 16-byte loads, feeds bf16/fp16 ``mma.sync`` from registers and reduces the
-K split inside each block (and, for weights with few rows, across blocks through an fp32
-workspace that the last block of each row block sums): one launch per layer. :func:`linear` picks it where it applies and
+K split inside each block: one launch per layer. :func:`linear` picks it where it applies and
 falls back to ``F.linear`` otherwise. The reference is :func:`gemma4x.reference.linear.linear`.
 """
 
@@ -25,40 +24,6 @@ MAX_TOKENS = 16  # csrc/ops/gemv/gemv.h kMaxTokens (a GPU test compares)
 ROWS = 16  # N must be a multiple of this (rows per block)
 STEP_K = 32  # K must be a multiple of this (columns per warp step)
 _OP = "skinny_gemm"
-MAX_SPLIT_BLOCKS = 4096  # row blocks a K split may cover (the counters buffer's size)
-
-
-def splits_for(N: int, K: int, sms: int) -> int:
-    """K splits over CTAs for an ``[N, K]`` weight on ``sms`` SMs.
-
-    One CTA streams 16 rows. With fewer than 4 CTAs per SM the last wave leaves SMs idle, so the
-    K range is split until there are about 8 CTAs per SM, keeping each split at least 512
-    columns (2 steps per warp).
-    """
-    blocks = N // ROWS
-    if blocks >= 4 * sms or blocks > MAX_SPLIT_BLOCKS:
-        return 1
-    return max(1, min(-(-8 * sms // blocks), (K // STEP_K) // 16))
-
-
-_SMS: dict[int, int] = {}
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
-def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    """The split-K arrival counters of one stream: zeroed once, and every call leaves them zero.
-    Per stream, so kernels on two streams never share one."""
-    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(MAX_SPLIT_BLOCKS, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[int, int, int]:  # noqa: UP045
@@ -108,17 +73,10 @@ def _skinny_gemm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if rows.stride(-1) != 1 or (M > 1 and rows.stride(0) % 8) or rows.data_ptr() % 16:
         rows = rows.contiguous()
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    splits = splits_for(N, K, _sms(x.device)) if M else 1
     with on_device(x) as stream:
-        partials = counters = None
-        if splits > 1:
-            partials = torch.empty(splits * N * 8 * -(-M // 8), dtype=torch.float32, device=x.device)
-            counters = _counters(x.device, stream)
         extension().gemv.skinny_gemm(
             out.data_ptr(), N, rows.data_ptr(), rows.stride(0) if M > 1 else K, weight.data_ptr(),
-            0 if bias is None else bias.data_ptr(), M, N, K, splits,
-            0 if partials is None else partials.data_ptr(), 0 if counters is None else counters.data_ptr(),
-            DTYPE_CODES[x.dtype], stream,
+            0 if bias is None else bias.data_ptr(), M, N, K, DTYPE_CODES[x.dtype], stream,
         )  # fmt: skip
     return out
 

@@ -15,12 +15,6 @@ struct SkinnyGemmParams {
   int32_t m;
   int32_t n;
   int32_t k;
-  // Split-K over CTAs (gridDim.y = splits > 1): each CTA adds its fp32 tile to `partials`
-  // [splits, N/16, 16 * 8 * tiles], and the last CTA of a row block (counted in `counters`
-  // [N/16], zero on entry and left zero) sums them in split order and writes y.
-  int32_t splits;
-  float* partials;
-  int32_t* counters;
 };
 
 }  // namespace gemma4x::gemv

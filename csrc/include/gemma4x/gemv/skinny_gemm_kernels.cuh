@@ -1,10 +1,8 @@
 // y[M, N] = x[M, K] @ W[N, K]^T for M <= 16 tokens: the decode-time linear layers, where every
 // weight byte is read once and the tensor cores idle. The goal is the memory bandwidth.
 //
-// A CTA owns 16 weight rows and one of `splits` K ranges; its 8 warps split the range (warp w
-// takes the 32-column steps w, w + 8, ...) and their partial sums meet in shared memory. With
-// few row blocks (N / 16 below a few CTAs per SM) the K split over CTAs keeps every SM streaming
-// to the end instead of leaving a partial last wave; the last CTA of a row block adds the splits. Per step a lane loads 16 contiguous bytes of
+// A CTA owns 16 weight rows; its 8 warps split K (warp w takes the 32-column steps w, w + 8, ...)
+// and their partial sums meet in shared memory. Per step a lane loads 16 contiguous bytes of
 // each of its two rows (g and g + 8, g = lane / 4) and 16 bytes of its token's activations, and
 // runs two mma.sync.m16n8k16 (weights as A, tokens as the 8 columns of B). The dot product does
 // not care about the order of k, so the lane's 8 contiguous columns are taken as the k slots its
@@ -65,10 +63,6 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const __grid_c
   const int g = lane >> 2;  // A rows g and g + 8; B column (token) g
   const int q = lane & 3;   // which 8 of the step's 32 columns
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int steps_total = p.k / kStepK;
-  const int steps_per_split = (steps_total + p.splits - 1) / p.splits;
-  const int step_begin = blockIdx.y * steps_per_split;
-  const int steps = min(steps_total, step_begin + steps_per_split);
   const T* w_lo = static_cast<const T*>(p.w) + (row0 + g) * p.k + q * 8;
   const T* w_hi = w_lo + static_cast<int64_t>(8) * p.k;
   const T* x_rows[NT];
@@ -80,7 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const __grid_c
   }
 
   float acc[NT][4] = {};
-  for (int s0 = step_begin + warp; s0 < steps; s0 += kWarps * kDepth) {
+  const int steps = p.k / kStepK;
+  for (int s0 = warp; s0 < steps; s0 += kWarps * kDepth) {
     uint4 lo[kDepth], hi[kDepth], xv[kDepth][NT];
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
@@ -114,42 +109,15 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const __grid_c
     for (int i = 0; i < 4; ++i) partial[warp][t][lane][i] = acc[t][i];
   }
   __syncthreads();
+  if (warp >= NT) return;
   // Warp t finishes token tile t: c0, c1 are rows g, tokens 2q, 2q+1; c2, c3 rows g + 8.
   const int t = warp;
   float sum[4] = {};
-  if (t < NT) {
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < kWarps; ++w) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) sum[i] += partial[w][t][lane][i];
-    }
+    for (int i = 0; i < 4; ++i) sum[i] += partial[w][t][lane][i];
   }
-  if (p.splits > 1) {
-    __shared__ bool last;
-    const int64_t tile = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * NT + t;
-    if (t < NT) *reinterpret_cast<float4*>(p.partials + tile * 128 + lane * 4) = make_float4(sum[0], sum[1], sum[2], sum[3]);
-    __threadfence();  // the tile is visible device-wide before the count says so
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (t < NT) {
-      // Splits in a fixed order, so the result does not depend on which CTA finished last.
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sum[i] = 0.f;
-      for (int split = 0; split < p.splits; ++split) {
-        const int64_t other = (static_cast<int64_t>(split) * gridDim.x + blockIdx.x) * NT + t;
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partials + other * 128 + lane * 4));
-        sum[0] += v.x;
-        sum[1] += v.y;
-        sum[2] += v.z;
-        sum[3] += v.w;
-      }
-    }
-    if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next call (and graph replay)
-  }
-  if (t >= NT) return;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t row = row0 + g + (i >= 2 ? 8 : 0);
