@@ -14,8 +14,10 @@ Dispatch by compute capability:
 * 9.0 (H100/H200), bf16 activations: ``M <= 64`` tokens (dense) or ``T*k <= 64`` pairs (experts)
   run the W4A16 decode kernels: dequantisation in registers, bf16 ``mma.sync``, split-K over a
   thread-block cluster; experts up to ``MOE_CHUNKED_MAX_PAIRS`` pairs run them over token chunks.
-  Larger batches (prefill) dequantise into a bf16 scratch with the CUDA dequantizer and run the
-  bf16 GEMM (cuBLAS) or the bf16 expert op.
+  Larger batches (prefill) run the W4A16 WGMMA kernels of :mod:`gemma4x.ops.nvfp4_prefill`
+  (TMA loads of the packed weights, dequantisation in registers, RS wgmma; experts as grouped
+  GEMMs with GeGLU fused). Fallback (``PREFILL_WGMMA = False``, other dtypes): dequantise into a
+  bf16 scratch with the CUDA dequantizer and run the bf16 GEMM (cuBLAS) or the bf16 expert op.
 * any other GPU: the dequantize + bf16 path (10.0 keeps the W4A4 ``ops.nvfp4_gemm`` for
   checkpoints with an ``input_scale``; the layers decide).
 
@@ -54,6 +56,10 @@ MOE_MAX_EXPERTS = 256
 # bf16: H200, 26B-A4B shape, one 8-token chunk measured 81.6 us, the dequantise path 1353.6 us at
 # 64 tokens (bench/RESULTS.md), so 8 chunks stay well under it. Beyond, the dequantise path.
 MOE_CHUNKED_MAX_PAIRS = 512
+# Beyond the decode sizes, bf16 activations on a 9.0 GPU take the W4A16 WGMMA kernels of
+# :mod:`gemma4x.ops.nvfp4_prefill` (dense: M > GEMV_MAX_TOKENS; experts: T*k > MOE_CHUNKED_MAX_PAIRS)
+# instead of dequantising into bf16; False keeps the dequantise path (the benchmark compares both).
+PREFILL_WGMMA = True
 
 __all__ = [
     "GEMV_MAX_TOKENS",
@@ -303,6 +309,10 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, global_scale: torch.Tensor
     rows = x.reshape(-1, K)
     if x.dtype == torch.bfloat16 and rows.shape[0] <= GEMV_MAX_TOKENS and sm90_available(x.device):
         out = torch.ops.gemma4x.nvfp4_w4a16_gemv(rows, packed, global_scale.reshape(1))
+    elif x.dtype == torch.bfloat16 and PREFILL_WGMMA and sm90_available(x.device):
+        from gemma4x.ops import nvfp4_prefill  # noqa: F401  (registers the op)
+
+        out = torch.ops.gemma4x.nvfp4_w4a16_gemm_sm90(rows, packed, global_scale.reshape(1), 0)
     else:
         w = w4a16_dequantize(packed, global_scale.reshape(()), x.dtype)
         out = F.linear(rows, w)
@@ -443,6 +453,10 @@ def w4a16_moe_experts(
             ),
             x, idx, weights, MOE_MAX_PAIRS,
         )  # fmt: skip
+    if x.dtype == torch.bfloat16 and PREFILL_WGMMA and E <= 256 and idx.shape[1] <= 32 and sm90_available(x.device):
+        from gemma4x.ops import nvfp4_prefill  # noqa: F401  (registers the op)
+
+        return torch.ops.gemma4x.nvfp4_moe_experts_prefill(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2, 0)
     from gemma4x.ops.moe import moe_experts
 
     gu = w4a16_dequantize(gate_up, gate_up_scale_2, x.dtype, interleave_gate_up=True)
