@@ -87,7 +87,7 @@ def test_gemm_validation():
     with pytest.raises(TypeError, match="expected bfloat16"):
         fake(x.half(), pm, gm, 0)
     with pytest.raises(ValueError, match="tile must be 0"):
-        fake(x, pm, gm, 3)
+        fake(x, pm, gm, 4)
     with pytest.raises(ValueError, match=r"x must be \[..., K=128\]"):
         fake(x[:, :64], pm, gm, 0)
     with pytest.raises(ValueError, match="one-element float32"):
@@ -150,7 +150,7 @@ def _dense(N, K, seed):
 @needs_sm90
 @pytest.mark.parametrize("M", [65, 128, 200, 512, 777, 4096])
 @pytest.mark.parametrize("NK", [(2112, 2816), (2816, 2112), (48, 704), (400, 1024)])
-@pytest.mark.parametrize("tile", [0, 1, 2])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3])
 def test_gemm_dense(M, NK, tile):
     from gemma4x.ops import nvfp4_prefill as ops
 
@@ -185,7 +185,7 @@ def test_gemm_every_code_and_scale_exact():
     p = w4a16_pack(q, s).cuda()
     w32 = nvfp4_dequantize(q, s, torch.tensor(1.0), torch.float32)  # e2m1 * s, exact in fp32
     want = (w32 * gs).bfloat16().cuda()
-    for tile in (1, 2):
+    for tile in (1, 2, 3):
         out = ops.w4a16_gemm_sm90(torch.eye(K, dtype=torch.bfloat16, device="cuda"), p, gs.cuda(), tile)
         assert torch.equal(out, want.T.contiguous())
 
@@ -269,7 +269,8 @@ def _moe_refs(x, w, idx, W):
 @pytest.mark.parametrize(
     "T,k,mode,tile",
     [(65, 8, "random", 0), (300, 8, "skewed", 0), (1000, 8, "random", 1), (1000, 8, "random", 2),
-     (4096, 8, "random", 0), (4096, 8, "skewed", 2), (8192, 8, "random", 0), (600, 1, "one", 0), (700, 8, "one", 1)],
+     (1000, 8, "skewed", 3), (4096, 8, "random", 0), (4096, 8, "skewed", 2), (4096, 8, "random", 1),
+     (8192, 8, "random", 0), (600, 1, "one", 0), (700, 8, "one", 1), (700, 8, "one", 2)],
 )
 def test_moe_prefill_real_shape(T, k, mode, tile):
     from gemma4x.ops import nvfp4_prefill as ops

@@ -38,15 +38,15 @@ void check_encode(CUresult r, const char* op, const char* what) {
   }
 }
 
-// Packed weights [G][N/16][K/64][576] seen as u32 [G][N/16][K/64 * 9][16]: a box {16, 9, 8, 1} is
-// the 8 units (128 rows) of one k stage; row blocks past N/16 are zero-filled (zero codes).
-CUtensorMap weight_map(const char* op, const uint8_t* packed, int groups, int n, int k) {
+// Packed weights [G][N/16][K/64][576] seen as u32 [G][N/16][K/64 * 9][16]: a box {16, 9, R, 1} is
+// the R units (16 R rows) of one k stage; row blocks past N/16 are zero-filled (zero codes).
+CUtensorMap weight_map(const char* op, const uint8_t* packed, int groups, int n, int k, int row_blocks) {
   const int64_t units = k / kUnitK;
   const cuuint64_t dims[4] = {16, static_cast<cuuint64_t>(units * wgmma::kUnitRows64),
                               static_cast<cuuint64_t>(n / kUnitRows), static_cast<cuuint64_t>(groups)};
   const cuuint64_t strides[3] = {64, static_cast<cuuint64_t>(units * kUnitBytes),
                                  static_cast<cuuint64_t>(units * kUnitBytes * (n / kUnitRows))};
-  const cuuint32_t box[4] = {16, wgmma::kUnitRows64, wgmma::kRowBlocks, 1};
+  const cuuint32_t box[4] = {16, wgmma::kUnitRows64, static_cast<cuuint32_t>(row_blocks), 1};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
   CUtensorMap map;
   check_encode(encode_fn(op)(&map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, const_cast<uint8_t*>(packed), dims, strides, box,
@@ -114,18 +114,37 @@ void launch(const GemmParams& p, const CUtensorMap& tw, const CUtensorMap& tx, i
   check_launch(what);
 }
 
-// Tokens per tile: 256 (half the weight dequantisation per flop) when that still gives every SM
-// a tile, else 128.
-int pick_nb(int tile, int64_t tiles256, int sms) {
-  if (tile == 1) return 1;
-  if (tile == 2) return 2;
-  return tiles256 >= sms ? 2 : 1;
+// Tile variants: 1 = 128 rows x 128 tokens, 2 = 128 x 256, 3 = 256 x 128 (rows = weight rows).
+// Relative time of one tile (H200, bench_nvfp4 prefill section, 26B dense shapes): 128x128 1,
+// 128x256 1.56, 256x128 ~1.4 (a third fewer L2 bytes per flop than 128x256). Auto picks the
+// variant with the fewest waves x tile time for the given tile counts.
+int pick_variant(int tile, int64_t tokens, int rows, int sms) {
+  if (tile != 0) return tile;
+  const double cost[4] = {0, 1.0, 1.56, 1.4};
+  const int64_t tiles[4] = {0, ((tokens + 127) / 128) * ((rows + 127) / 128), ((tokens + 255) / 256) * ((rows + 127) / 128),
+                            ((tokens + 127) / 128) * ((rows + 255) / 256)};
+  int best = 3;
+  double best_t = 1e300;
+  for (int v : {3, 1, 2}) {
+    const double t = static_cast<double>((tiles[v] + sms - 1) / sms) * cost[v];
+    if (t < best_t) best_t = t, best = v;
+  }
+  return best;
+}
+
+template <class F>
+void with_variant(int variant, F&& f) {
+  switch (variant) {
+    case 1: f(Config<1, 1>{}); break;
+    case 2: f(Config<1, 2>{}); break;
+    default: f(Config<2, 1>{}); break;
+  }
 }
 
 template <class Cfg>
 void run_gemm(const GemmParams& p, const uint8_t* packed, const void* x, int64_t x_rows, int64_t x_row_stride,
               int max_tiles, cudaStream_t stream, const char* op, const char* what) {
-  const CUtensorMap tw = weight_map(op, packed, p.groups, p.n, p.k);
+  const CUtensorMap tw = weight_map(op, packed, p.groups, p.n, p.k, Cfg::kRowBlocks);
   const CUtensorMap tx = act_map(op, x, x_rows, p.k, x_row_stride, Cfg::kBN);
   launch<Cfg>(p, tw, tx, max_tiles, stream, what);
 }
@@ -206,8 +225,8 @@ void check_moe_sizes(const W4A16MoePrefillParams& p) {
   GEMMA4X_CHECK_ARG(p.inter > 0 && p.inter % kUnitK == 0, kMoeOp, ": intermediate I must be a positive multiple of ",
                     kUnitK, ", got ", p.inter);
   GEMMA4X_CHECK_ARG(static_cast<int64_t>(p.tokens) * p.top_k <= (int64_t{1} << 30), kMoeOp, ": T*k too large");
-  GEMMA4X_CHECK_ARG(p.tile >= 0 && p.tile <= 2, kMoeOp, ": tile must be 0 (auto), 1 (128 tokens) or 2 (256), got ",
-                    p.tile);
+  GEMMA4X_CHECK_ARG(p.tile >= 0 && p.tile <= 3, kMoeOp, ": tile must be 0 (auto), 1 (128x128), 2 (128x256) or ",
+                    "3 (256x128), got ", p.tile);
 }
 
 }  // namespace
@@ -221,8 +240,8 @@ void w4a16_gemm_sm90(const W4A16GemmParams& in, cudaStream_t stream) {
   GEMMA4X_CHECK_ARG(in.x_row_stride % 8 == 0 && in.x_row_stride >= in.k, op,
                     ": x row stride must be a multiple of 8 and >= K, got ", in.x_row_stride);
   GEMMA4X_CHECK_ARG(in.out_row_stride >= in.n, op, ": out row stride must be >= N, got ", in.out_row_stride);
-  GEMMA4X_CHECK_ARG(in.tile >= 0 && in.tile <= 2, op, ": tile must be 0 (auto), 1 (128 tokens) or 2 (256), got ",
-                    in.tile);
+  GEMMA4X_CHECK_ARG(in.tile >= 0 && in.tile <= 3, op, ": tile must be 0 (auto), 1 (128x128), 2 (128x256) or ",
+                    "3 (256x128), got ", in.tile);
   if (in.m == 0) return;
   check_sm90(op);
   check_ptr(op, "packed", in.packed, 16);
@@ -239,17 +258,13 @@ void w4a16_gemm_sm90(const W4A16GemmParams& in, cudaStream_t stream) {
   p.k = in.k;
   p.groups = 1;
   p.epilogue = Epilogue::kStore;
-  const int sms = device_sms();
-  const int row_tiles = (in.n + wgmma::kTileRows - 1) / wgmma::kTileRows;
-  const int64_t tiles256 = static_cast<int64_t>((in.m + 255) / 256) * row_tiles;
-  const int64_t tiles128 = static_cast<int64_t>((in.m + 127) / 128) * row_tiles;
-  if (pick_nb(in.tile, tiles256, sms) == 2) {
-    run_gemm<Config<2>>(p, in.packed, in.x, in.m, in.x_row_stride, static_cast<int>(std::min<int64_t>(tiles256, 1 << 30)),
-                        stream, op, "w4a16_wgmma_kernel<256>");
-  } else {
-    run_gemm<Config<1>>(p, in.packed, in.x, in.m, in.x_row_stride, static_cast<int>(std::min<int64_t>(tiles128, 1 << 30)),
-                        stream, op, "w4a16_wgmma_kernel<128>");
-  }
+  const int variant = pick_variant(in.tile, in.m, in.n, device_sms());
+  with_variant(variant, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    const int64_t tiles = ((in.m + Cfg::kBN - 1) / Cfg::kBN) * static_cast<int64_t>((in.n + Cfg::kTileRows - 1) / Cfg::kTileRows);
+    run_gemm<Cfg>(p, in.packed, in.x, in.m, in.x_row_stride, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream,
+                  op, "w4a16_wgmma_kernel");
+  });
 }
 
 size_t w4a16_moe_prefill_workspace_size(const W4A16MoePrefillParams& p) {
@@ -311,14 +326,9 @@ void w4a16_moe_prefill(const W4A16MoePrefillParams& p, cudaStream_t stream) {
   check_launch("moe_prefill_gather_kernel");
 
   // Tile counts are on the device only; bound them from the host: sum_e ceil(n_e / BN) <=
-  // P / BN + E token tiles.
-  const int sms = device_sms();
-  const int nb = pick_nb(p.tile, static_cast<int64_t>(pairs / 256) * ((2 * p.inter + 127) / 128), sms);
-  const int bn = 128 * nb;
-  const int64_t token_tiles = pairs / bn + p.experts;
-  const int max1 = static_cast<int>(std::min<int64_t>(token_tiles * ((2 * p.inter + 127) / 128), 1 << 30));
-  const int max2 = static_cast<int>(std::min<int64_t>(token_tiles * ((p.hidden + 127) / 128), 1 << 30));
-
+  // P / BN + E token tiles. Auto: 256 x 128 tiles (a 128-token tile keeps the padding of ~256-row
+  // experts small; 2I = 1408 rows end in a half tile whose empty half issues no MMA).
+  const int variant = p.tile == 0 ? 3 : p.tile;
   GemmParams g1{};
   g1.global_scale = p.gate_up_scale_2;
   g1.offsets = w.offsets;
@@ -336,13 +346,14 @@ void w4a16_moe_prefill(const W4A16MoePrefillParams& p, cudaStream_t stream) {
   g2.n = p.hidden;
   g2.k = p.inter;
   g2.epilogue = Epilogue::kStore;
-  if (nb == 2) {
-    run_gemm<Config<2>>(g1, p.gate_up, w.xs, pairs, p.hidden, max1, stream, kMoeOp, "w4a16_wgmma_kernel<256> (GEMM1)");
-    run_gemm<Config<2>>(g2, p.down, w.act, pairs, p.inter, max2, stream, kMoeOp, "w4a16_wgmma_kernel<256> (GEMM2)");
-  } else {
-    run_gemm<Config<1>>(g1, p.gate_up, w.xs, pairs, p.hidden, max1, stream, kMoeOp, "w4a16_wgmma_kernel<128> (GEMM1)");
-    run_gemm<Config<1>>(g2, p.down, w.act, pairs, p.inter, max2, stream, kMoeOp, "w4a16_wgmma_kernel<128> (GEMM2)");
-  }
+  with_variant(variant, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    const int64_t token_tiles = pairs / Cfg::kBN + p.experts;
+    const int max1 = static_cast<int>(std::min<int64_t>(token_tiles * ((2 * p.inter + Cfg::kTileRows - 1) / Cfg::kTileRows), 1 << 30));
+    const int max2 = static_cast<int>(std::min<int64_t>(token_tiles * ((p.hidden + Cfg::kTileRows - 1) / Cfg::kTileRows), 1 << 30));
+    run_gemm<Cfg>(g1, p.gate_up, w.xs, pairs, p.hidden, max1, stream, kMoeOp, "w4a16_wgmma_kernel (GEMM1)");
+    run_gemm<Cfg>(g2, p.down, w.act, pairs, p.inter, max2, stream, kMoeOp, "w4a16_wgmma_kernel (GEMM2)");
+  });
   moe::moe_prefill_finalize_kernel<<<static_cast<unsigned>(p.tokens), moe::kFinalizeThreads, 0, stream>>>(kp);
   check_launch("moe_prefill_finalize_kernel");
 }

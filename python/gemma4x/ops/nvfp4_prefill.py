@@ -5,16 +5,16 @@ Same math and packed weights as the decode kernels of :mod:`gemma4x.ops.nvfp4` (
     out[m, n] = bf16( g * sum_k x[m, k] * e2m1[n, k] * s[n, k // 16] )          fp32 accumulation
 
 Kernel: ``csrc/include/gemma4x/nvfp4/w4a16_wgmma_sm90.cuh``. Weights are the wgmma M side (128
-rows per tile, two consumer warpgroups), tokens the N side (128 or 256 per tile), one TMA box of
-8 packed units and one of activations per 64-column stage, ``g`` applied once in the epilogue.
+or 256 rows per tile, two consumer warpgroups), tokens the N side (128 or 256 per tile), one TMA
+box of packed units and one of activations per 64-column stage, ``g`` applied once in the epilogue.
 
 * :func:`w4a16_gemm_sm90`: dense ``x [M, K] @ W^T`` (``NVFP4Linear`` beyond the decode sizes).
 * :func:`w4a16_moe_experts_prefill`: routed GeGLU experts; the bf16 prefill path's device-side
   routing (count, scan, gather) and finalize around two grouped W4A16 GEMMs, GeGLU fused into
   GEMM1's epilogue (gate/up rows interleaved by 8 in the packed weight).
 
-``tile``: tokens per tile, 0 = auto (256 when that still gives every SM a tile, else 128),
-1 = 128, 2 = 256.
+``tile`` (weight rows x tokens per CTA tile): 0 = auto, 1 = 128x128, 2 = 128x256, 3 = 256x128.
+Auto: dense takes the variant with the fewest waves x measured tile time; experts take 256x128.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ __all__ = ["MOE_PREFILL_MAX_EXPERTS", "MOE_PREFILL_MAX_TOP_K", "w4a16_gemm_sm90"
 
 
 def _check_tile(op: str, tile: int) -> None:
-    if tile not in (0, 1, 2):
-        raise ValueError(f"{op}: tile must be 0 (auto), 1 (128 tokens) or 2 (256 tokens), got {tile!r}")
+    if tile not in (0, 1, 2, 3):
+        raise ValueError(f"{op}: tile must be 0 (auto), 1 (128x128), 2 (128x256) or 3 (256x128), got {tile!r}")
 
 
 def _check_bf16(op: str, x: torch.Tensor) -> None:
@@ -85,7 +85,7 @@ def w4a16_gemm_sm90(x: torch.Tensor, packed: torch.Tensor, global_scale: torch.T
         x: ``[..., K]`` bfloat16 CUDA tensor (compute capability 9.0, sm_90a build).
         packed: ``[N/16, K/64, 576]`` uint8 from :func:`gemma4x.ops.nvfp4.w4a16_pack`.
         global_scale: one-element float32 ``weight_scale_2``.
-        tile: tokens per tile (0 auto, 1 = 128, 2 = 256).
+        tile: 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128 (weight rows x tokens).
     Returns:
         ``[..., N]`` bfloat16.
     """
@@ -167,7 +167,7 @@ def w4a16_moe_experts_prefill(
         x: ``[T, H]`` bfloat16 CUDA; idx ``[T, k]`` int64; weights ``[T, k]`` float32.
         gate_up: ``[E, 2I/16, H/64, 576]`` uint8 (``w4a16_pack(..., interleave_gate_up=True)``).
         gate_up_scale_2: ``[E, 2]`` float32; down ``[E, H/16, I/64, 576]`` uint8; down_scale_2 ``[E]``.
-        tile: tokens per tile (0 auto, 1 = 128, 2 = 256).
+        tile: 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128 (weight rows x tokens).
     Returns:
         ``[T, H]`` bfloat16.
     """

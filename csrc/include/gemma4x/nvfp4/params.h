@@ -96,7 +96,7 @@ struct W4A16GemmParams {
   int32_t m;
   int32_t n;
   int32_t k;
-  int32_t tile;              // tokens per tile: 0 auto, 1 = 128, 2 = 256
+  int32_t tile;              // 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128 (weight rows x tokens)
 };
 
 // Routed GeGLU experts at prefill with packed NVFP4 weights (any T*k): the bf16 prefill path's
@@ -121,7 +121,7 @@ struct W4A16MoePrefillParams {
   int32_t experts;
   int32_t hidden;
   int32_t inter;
-  int32_t tile;                   // tokens per tile: 0 auto, 1 = 128, 2 = 256
+  int32_t tile;                   // 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128
 };
 
 }  // namespace gemma4x::nvfp4

@@ -44,6 +44,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gemma4x/common/bulk_copy.cuh"
 #include "gemma4x/nvfp4/params.h"
@@ -51,31 +52,38 @@
 namespace gemma4x::nvfp4::wgmma {
 
 constexpr int kThreads = 384;       // producer warpgroup + 2 consumer warpgroups
-constexpr int kTileRows = 128;      // weight rows per tile: 2 consumers x 64 (one wgmma M)
 constexpr int kStageK = 64;         // one packed unit; one 128-byte swizzle row of bf16 tokens
-constexpr int kRowBlocks = kTileRows / kUnitRows;  // 8 units per stage
-constexpr int kUnitRows64 = kUnitBytes / 64;       // a unit is 9 rows of 64 bytes in the W map
-constexpr int kWBytes = kRowBlocks * kUnitBytes;   // 4608
-constexpr int kWStride = 5120;                     // kWBytes rounded up to 1024 (swizzle alignment)
+constexpr int kUnitRows64 = kUnitBytes / 64;  // a unit is 9 rows of 64 bytes in the W map
 constexpr int kMaxGroups = 256;
 
 enum class Epilogue : int32_t { kStore = 0, kGeglu = 1 };
 
-// BN = 128 * kNB tokens per tile. Stages: as many as fit beside ~4 KB of barriers and tables
-// (NB 2: 5 x 37 KB; NB 1: 8 x 21 KB); five 64-column stages cover the TMA latency at the
-// ~1 us per tile the consumers need.
-template <int kNB_>
+// Tile = (128 * kMH weight rows) x (128 * kNB tokens); each consumer warpgroup holds kMH x kNB
+// m64n128 fp32 accumulators (kMH * kNB <= 2: 128 registers). Weight half h of the tile is rows
+// 128h .. 128h + 127, consumer c its rows 64c .. 64c + 63, warp w the 16-row unit 8h + 4c + w.
+// Shared memory per k stage: the tokens' 64 columns (128 * kNB rows of 128 bytes) and the
+// 8 * kMH units of 576 bytes. Bytes per k stage and MMA: 128x256 (kNB 2) 37 KB, 256x128 (kMH 2)
+// 25 KB for the same flops; measured on H200 the 128x256 tile streams ~5.2 TB/s out of L2 across
+// the chip at 576 TFLOP/s, so the 256x128 tile moves a third less per flop. Stages: as many as
+// fit in ~220 KB.
+template <int kMH_, int kNB_>
 struct Config {
+  static constexpr int kMH = kMH_;
   static constexpr int kNB = kNB_;
   static constexpr int kBN = 128 * kNB;
+  static constexpr int kTileRows = 128 * kMH;
+  static constexpr int kRowBlocks = kTileRows / kUnitRows;
   static constexpr int kXBytes = kBN * kStageK * 2;
-  static constexpr int kStages = kNB == 2 ? 5 : 8;
+  static constexpr int kWBytes = kRowBlocks * kUnitBytes;
+  static constexpr int kWStride = (kWBytes + 1023) / 1024 * 1024;  // stages stay 1024-byte aligned
   static constexpr int kStageBytes = kXBytes + kWStride;
+  static constexpr int kStages = (220 * 1024 / kStageBytes) < 8 ? (220 * 1024 / kStageBytes) : 8;
   static constexpr int kBarOffset = kStages * kStageBytes;
   static constexpr int kTableOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int kSmemBytes = kTableOffset + (kMaxGroups + 1) * 4 + 1024;  // +1024: base alignment
-  static_assert(kNB == 1 || kNB == 2, "BN is 128 or 256 tokens (TMA boxes hold at most 256 rows)");
+  static_assert(kNB >= 1 && kMH >= 1 && kNB * kMH <= 2, "at most 2 m64n128 accumulators per thread");
   static_assert(kXBytes % 1024 == 0, "stages must stay 1024-byte aligned for the 128-byte swizzle");
+  static_assert(kStages >= 4, "too few stages to cover the load latency");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
@@ -245,11 +253,12 @@ struct TileCoord {
   int ntok;    // valid tokens of the tile (<= BN)
 };
 
-template <int kBN>
+template <class Cfg>
 __device__ __forceinline__ TileCoord tile_coord(const GemmParams& p, const int* table, int t, int row_tiles) {
+  constexpr int kBN = Cfg::kBN;
   const int nt = t / row_tiles;
   TileCoord c;
-  c.row0 = (t - nt * row_tiles) * kTileRows;
+  c.row0 = (t - nt * row_tiles) * Cfg::kTileRows;
   int lo = 0, hi = p.groups - 1;  // largest g with table[g] <= nt
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -268,7 +277,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_wgmma_kernel(const __grid_constant__ GemmParams p, const __grid_constant__ CUtensorMap tm_w,
                        const __grid_constant__ CUtensorMap tm_x) {
-  constexpr int kBN = Cfg::kBN, kNB = Cfg::kNB, kStages = Cfg::kStages;
+  constexpr int kBN = Cfg::kBN, kNB = Cfg::kNB, kMH = Cfg::kMH, kStages = Cfg::kStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
@@ -312,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 31) table[p.groups] = incl;  // the total
   }
   __syncthreads();
-  const int row_tiles = (p.n + kTileRows - 1) / kTileRows;
+  const int row_tiles = (p.n + Cfg::kTileRows - 1) / Cfg::kTileRows;
   const int tiles = table[p.groups] * row_tiles;
   const int k_stages = p.k / kStageK;
   const int wg = tid / 128;
@@ -322,12 +331,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       int it = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const TileCoord c = tile_coord<kBN>(p, table, t, row_tiles);
+        const TileCoord c = tile_coord<Cfg>(p, table, t, row_tiles);
         for (int kb = 0; kb < k_stages; ++kb, ++it) {
           const int s = it % kStages;
           const uint32_t ph = (it / kStages) & 1;
           mbarrier_wait_parity(&empty[s], ph ^ 1);
-          mbarrier_arrive_expect_tx(&full[s], Cfg::kXBytes + kWBytes);
+          mbarrier_arrive_expect_tx(&full[s], Cfg::kXBytes + Cfg::kWBytes);
           unsigned char* st = smem + s * Cfg::kStageBytes;
           tma_load_2d(st, &tm_x, &full[s], kb * kStageK, c.token0);
           tma_load_4d(st + Cfg::kXBytes, &tm_w, &full[s], 0, kb * kUnitRows64, c.row0 / kUnitRows, c.group);
@@ -336,93 +345,118 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     setmaxnreg_inc<232>();
-    const int cw = wg - 1;          // consumer: tile rows 64 cw .. 64 cw + 63
+    const int cw = wg - 1;          // consumer: rows 64 cw .. 64 cw + 63 of each weight half
     const int ct = tid - 128 * wg;  // thread in the consumer
     const int warp = ct >> 5, lane = ct & 31;
     const int g = lane >> 2, tq = lane & 3;
-    const int unit = 4 * cw + warp;  // the warp's 16-row unit in the stage
-    uint32_t code_off[4];
+    uint32_t code_off[kMH][4], scale_off[kMH];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) code_off[j] = Cfg::kXBytes + swz64(unit * kUnitBytes + 64 * g + 16 * j);
-    const uint32_t scale_off = Cfg::kXBytes + swz64(unit * kUnitBytes + kCodeBytes + 8 * g);
+    for (int h = 0; h < kMH; ++h) {
+      const int unit = 8 * h + 4 * cw + warp;  // this warp's 16-row unit of half h in the stage
+#pragma unroll
+      for (int j = 0; j < 4; ++j) code_off[h][j] = Cfg::kXBytes + swz64(unit * kUnitBytes + 64 * g + 16 * j);
+      scale_off[h] = Cfg::kXBytes + swz64(unit * kUnitBytes + kCodeBytes + 8 * g);
+    }
     const uint32_t shift = 4 * tq;
     const uint32_t smem_base = smem_addr(smem);
 
-    float acc[kNB * 16][4];
+    using H0 = std::integral_constant<int, 0>;
+    using H1 = std::integral_constant<int, 1>;
+    float acc[kMH][kNB * 16][4];
     uint32_t fa[2][4][4];
     int it = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const TileCoord c = tile_coord<kBN>(p, table, t, row_tiles);
+      const TileCoord c = tile_coord<Cfg>(p, table, t, row_tiles);
+      // A weight half with no valid row issues no wgmma (uniform over the CTA). (Skipping an empty
+      // token half the same way makes ptxas serialise every wgmma: C7520.)
+      const bool second_m = kMH == 2 && c.row0 + 128 < p.n;
 #pragma unroll
-      for (int j = 0; j < kNB * 16; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+      for (int h = 0; h < kMH; ++h)
+#pragma unroll
+        for (int j = 0; j < kNB * 16; ++j) acc[h][j][0] = acc[h][j][1] = acc[h][j][2] = acc[h][j][3] = 0.f;
 
-      // One stage: wait for its data, A fragments into buffer `b`, issue 4 x kNB wgmma, then
-      // release the previous stage once its wgmma completed.
-      auto stage = [&](uint32_t (&fb)[4][4], int kb) {
+      // One wgmma group: weight half h of k stage kb. A fragments into buffer fb, 4 x kNB wgmma,
+      // commit, then wait for the previous group; when that group was the last of its stage,
+      // the stage goes back to the producer.
+      auto group = [&](uint32_t (&fb)[4][4], int kb, auto half) {
+        constexpr int h = decltype(half)::value;
         const int s = it % kStages;
         const uint32_t st = smem_base + s * Cfg::kStageBytes;
-        mbarrier_wait_parity(&full[s], (it / kStages) & 1);
-        dequant_stage(st, code_off, scale_off, shift, fb);
-        fence_acc<kNB * 16>(acc);
+        if (h == 0) mbarrier_wait_parity(&full[s], (it / kStages) & 1);
+        const bool active = h == 0 || second_m;
+        if (active) dequant_stage(st, code_off[h], scale_off[h], shift, fb);
+        fence_acc<kNB * 16>(acc[h]);
         wgmma_fence();
+        if (active) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int nb = 0; nb < kNB; ++nb) wgmma_rs_m64n128(acc + 16 * nb, fb[j], desc_sw128(st + nb * 16384 + 32 * j));
+          for (int j = 0; j < 4; ++j) {
+            wgmma_rs_m64n128(acc[h], fb[j], desc_sw128(st + 32 * j));
+            if constexpr (kNB == 2) wgmma_rs_m64n128(acc[h] + 16, fb[j], desc_sw128(st + 16384 + 32 * j));
+          }
+        }
         wgmma_commit();
-        fence_acc<kNB * 16>(acc);
+        fence_acc<kNB * 16>(acc[h]);
         wgmma_wait<1>();
-        if (kb > 0) {
+        // The group before this one is complete: release its stage if it was that stage's last.
+        if (h == 0 && kb > 0) {
           __syncwarp();
           if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
         }
-        ++it;
+        if (h == kMH - 1) ++it;
       };
       int kb = 0;
-      for (; kb + 1 < k_stages; kb += 2) {
-        stage(fa[0], kb);
-        stage(fa[1], kb + 1);
+      if constexpr (kMH == 2) {
+        for (; kb < k_stages; ++kb) {
+          group(fa[0], kb, H0{});
+          group(fa[1], kb, H1{});
+        }
+      } else {
+        for (; kb + 1 < k_stages; kb += 2) {
+          group(fa[0], kb, H0{});
+          group(fa[1], kb + 1, H0{});
+        }
+        if (kb < k_stages) group(fa[0], kb, H0{});
       }
-      if (kb < k_stages) stage(fa[0], kb);
       wgmma_wait<0>();
-      fence_acc<kNB * 16>(acc);
+#pragma unroll
+      for (int h = 0; h < kMH; ++h) fence_acc<kNB * 16>(acc[h]);
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
 
       // Epilogue.
-      const int rb = c.row0 / kUnitRows + unit;  // the warp's 16-row block
-      if (p.epilogue == Epilogue::kStore) {
-        const float gs = p.global_scale[c.group] * 256.f;
-        const int r0 = rb * kUnitRows + g;
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-        if (rb * kUnitRows < p.n) {
+      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+      const int ncols = min(c.ntok, kBN);
+#pragma unroll
+      for (int h = 0; h < kMH; ++h) {
+        const int rb = c.row0 / kUnitRows + 8 * h + 4 * cw + warp;  // the warp's 16-row block
+        if (rb * kUnitRows >= p.n) continue;
+        if (p.epilogue == Epilogue::kStore) {
+          const float gs = p.global_scale[c.group] * 256.f;
+          const int r0 = rb * kUnitRows + g;
 #pragma unroll
           for (int j = 0; j < kNB * 16; ++j) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int col = 8 * j + 2 * tq + h;
-              if (col < c.ntok) {
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * tq + e;
+              if (col < ncols) {
                 __nv_bfloat16* o = out + static_cast<int64_t>(c.token0 + col) * p.out_row_stride + r0;
-                o[0] = __float2bfloat16_rn(acc[j][h] * gs);
-                o[8] = __float2bfloat16_rn(acc[j][2 + h] * gs);
+                o[0] = __float2bfloat16_rn(acc[h][j][e] * gs);
+                o[8] = __float2bfloat16_rn(acc[h][j][2 + e] * gs);
               }
             }
           }
-        }
-      } else {
-        const float g_gate = p.global_scale[2 * c.group] * 256.f;
-        const float g_up = p.global_scale[2 * c.group + 1] * 256.f;
-        const int i = rb * 8 + g;
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-        if (rb * kUnitRows < p.n) {
+        } else {
+          const float g_gate = p.global_scale[2 * c.group] * 256.f;
+          const float g_up = p.global_scale[2 * c.group + 1] * 256.f;
+          const int i = rb * 8 + g;
 #pragma unroll
           for (int j = 0; j < kNB * 16; ++j) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int col = 8 * j + 2 * tq + h;
-              if (col < c.ntok) {
-                const float gate = round_bf16(acc[j][h] * g_gate);
-                const float up = round_bf16(acc[j][2 + h] * g_up);
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * tq + e;
+              if (col < ncols) {
+                const float gate = round_bf16(acc[h][j][e] * g_gate);
+                const float up = round_bf16(acc[h][j][2 + e] * g_up);
                 out[static_cast<int64_t>(c.token0 + col) * p.out_row_stride + i] =
                     __float2bfloat16_rn(round_bf16(gelu_tanh(gate)) * up);
               }
