@@ -149,7 +149,7 @@ def _dense(N, K, seed):
 @cuda
 @needs_sm90
 @pytest.mark.parametrize("M", [65, 128, 200, 512, 777, 4096])
-@pytest.mark.parametrize("NK", [(2112, 2816), (2816, 2112), (48, 704), (400, 1024)])
+@pytest.mark.parametrize("NK", [(2112, 2816), (2816, 2112), (48, 704), (400, 1024), (32, 64), (272, 192)])
 @pytest.mark.parametrize("tile", [0, 1, 2, 3])
 def test_gemm_dense(M, NK, tile):
     from gemma4x.ops import nvfp4_prefill as ops

@@ -115,17 +115,16 @@ void launch(const GemmParams& p, const CUtensorMap& tw, const CUtensorMap& tx, i
 }
 
 // Tile variants: 1 = 128 rows x 128 tokens, 2 = 128 x 256, 3 = 256 x 128 (rows = weight rows).
-// Relative time of one tile (H200, bench_nvfp4 prefill section, 26B dense shapes): 128x128 1,
-// 128x256 1.56, 256x128 ~1.4 (a third fewer L2 bytes per flop than 128x256). Auto picks the
-// variant with the fewest waves x tile time for the given tile counts.
+// Relative time of one tile on H200 (bench_nvfp4 prefill section, 26B / 31B dense shapes):
+// 128x128 1, 128x256 1.56, 256x128 1.75. Auto picks the fewest waves x tile time.
 int pick_variant(int tile, int64_t tokens, int rows, int sms) {
   if (tile != 0) return tile;
-  const double cost[4] = {0, 1.0, 1.56, 1.4};
+  const double cost[4] = {0, 1.0, 1.56, 1.75};
   const int64_t tiles[4] = {0, ((tokens + 127) / 128) * ((rows + 127) / 128), ((tokens + 255) / 256) * ((rows + 127) / 128),
                             ((tokens + 127) / 128) * ((rows + 255) / 256)};
-  int best = 3;
+  int best = 2;
   double best_t = 1e300;
-  for (int v : {3, 1, 2}) {
+  for (int v : {2, 1, 3}) {
     const double t = static_cast<double>((tiles[v] + sms - 1) / sms) * cost[v];
     if (t < best_t) best_t = t, best = v;
   }
@@ -326,9 +325,10 @@ void w4a16_moe_prefill(const W4A16MoePrefillParams& p, cudaStream_t stream) {
   check_launch("moe_prefill_gather_kernel");
 
   // Tile counts are on the device only; bound them from the host: sum_e ceil(n_e / BN) <=
-  // P / BN + E token tiles. Auto: 256 x 128 tiles (a 128-token tile keeps the padding of ~256-row
-  // experts small; 2I = 1408 rows end in a half tile whose empty half issues no MMA).
-  const int variant = p.tile == 0 ? 3 : p.tile;
+  // P / BN + E token tiles. Auto: 128 x 256 once experts average >= 128 rows (half the
+  // dequantisation per flop; H200 at 4096 tokens: 1217 us vs 1269 (256x128) and 1299 (128x128)),
+  // else 256 x 128 (fewer padded token rows; 512 tokens: 476 us vs 496 and 722).
+  const int variant = p.tile != 0 ? p.tile : pairs >= static_cast<int64_t>(128) * p.experts ? 2 : 3;
   GemmParams g1{};
   g1.global_scale = p.gate_up_scale_2;
   g1.offsets = w.offsets;
