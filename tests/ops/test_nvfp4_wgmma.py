@@ -218,11 +218,16 @@ def test_gemm_dispatch():
     from gemma4x.ops import nvfp4 as ops
     from gemma4x.ops import nvfp4_prefill
 
-    q, s, gs = _dense(2112, 2816, 9)
-    p = w4a16_pack(q, s)
-    x = torch.randn(2, 50, 2816, device="cuda").bfloat16()
-    out = ops.w4a16_gemm(x, p, gs)
-    assert torch.equal(out, nvfp4_prefill.w4a16_gemm_sm90(x.reshape(100, 2816), p, gs).reshape(2, 50, 2112))
+    for N, K, M in ((2112, 2816, 100), (16384, 128, 100), (16384, 128, 1500)):
+        q, s, gs = _dense(N, K, 9)
+        p = w4a16_pack(q, s)
+        x = torch.randn(2, M // 2, K, device="cuda").bfloat16()
+        out = ops.w4a16_gemm(x, p, gs)
+        if ops.dense_prefill_wgmma(M, N, K):
+            want = nvfp4_prefill.w4a16_gemm_sm90(x.reshape(M, K), p, gs)
+        else:
+            want = torch.nn.functional.linear(x.reshape(M, K), nvfp4_dequantize(q, s, gs, torch.bfloat16))
+        assert torch.equal(out, want.reshape(2, M // 2, N))
 
 
 def _experts(E, H, I, seed=0):
@@ -320,10 +325,11 @@ def test_moe_prefill_invalid_ids_small_shape_graph_opcheck():
 @cuda
 @needs_sm90
 def test_layers_use_prefill_kernels():
+    """NVFP4Linear and NVFP4Experts at prefill sizes against their native forward."""
     from gemma4x.layers.linear import Linear, NVFP4Linear
     from gemma4x.layers.moe import Experts, NVFP4Experts
 
-    lin = Linear(704, 2112).cuda()
+    lin = Linear(704, 16384).cuda()
     torch.nn.init.normal_(lin.weight, std=0.03)
     q = NVFP4Linear.from_linear(lin)
     xb = torch.randn(300, 704, device="cuda").bfloat16()
@@ -335,3 +341,12 @@ def test_layers_use_prefill_kernels():
     w, idx = _route(300, 2, 8, seed=4)
     xe = torch.randn(300, 256, device="cuda").bfloat16()
     assert rel_err(qx(xe, w, idx), qx.forward_native(xe, w, idx)) < 1e-2
+
+
+def test_dense_dispatch_rule():
+    from gemma4x.ops import nvfp4 as ops
+
+    assert not ops.dense_prefill_wgmma(64, 21504, 5376)  # decode kernel
+    assert ops.dense_prefill_wgmma(512, 21504, 5376)  # measured 1.26x over dequantise + cuBLAS
+    assert not ops.dense_prefill_wgmma(4096, 21504, 5376)
+    assert not ops.dense_prefill_wgmma(512, 2112, 2816)

@@ -273,6 +273,11 @@ __device__ __forceinline__ TileCoord tile_coord(const GemmParams& p, const int* 
   return c;
 }
 
+// The per-k16-step pipeline of the 128x256 tile (six wgmma groups in flight instead of one
+// stage's group): compiled without ptxas serialisation warnings, not yet run on a GPU (the
+// session's device time ran out), so it stays off.
+constexpr bool kFinePipeline = false;
+
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_wgmma_kernel(const __grid_constant__ GemmParams p, const __grid_constant__ CUtensorMap tm_w,
@@ -415,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_acc<kNB * 16>(acc[1 % kMH]);
         __syncwarp();
         if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
-      } else if constexpr (kNB == 1) {
+      } else if constexpr (kNB == 1 || !kFinePipeline) {
         // Stage-level double buffering (the fine-grained pipeline below makes ptxas serialise
-        // the wgmma of this instance: C7513).
+        // the wgmma of the 128x128 instance: C7513).
         for (; kb + 1 < k_stages; kb += 2) {
           group(fa[0], kb, H0{});
           group(fa[1], kb + 1, H0{});

@@ -1,4 +1,7 @@
-"""Profiling target: one 26B-A4B expert prefill at 4096 tokens (W4A16 WGMMA path), tile from argv."""
+"""Profiling target (ncu): one 26B-A4B expert prefill at 4096 tokens on the W4A16 WGMMA path.
+
+    ncu -k regex:w4a16_wgmma -c 2 --section SpeedOfLight --section WarpStateStats python3 bench/ops/profile_nvfp4_prefill.py [tile]
+"""
 import sys
 
 import torch
