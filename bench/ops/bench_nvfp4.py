@@ -9,7 +9,11 @@ replay over rotated weight/input sets, medians), TB/s of the bytes the op needs 
 ceilings measured in the same process. NVFP4 takes the decode kernels at <= 64 tokens
 (T*k <= 64 for experts) and dequantize-into-bf16 + the bf16 op beyond.
 
-    python bench/ops/bench_nvfp4.py [--tokens 1 8 64 512 4096] [--skip-moe]
+Prefill section: the W4A16 WGMMA kernels (ops.nvfp4_prefill, tiles auto / 128x128 / 128x256 / 256x128)
+beside the dequantise path and the bf16 op (cuBLAS / ops.moe_experts on bf16 weights), TFLOP/s.
+
+    python bench/ops/bench_nvfp4.py [--tokens 1 8 64 512 4096] [--skip-moe] [--prefill-only]
+        [--prefill-tokens 512 4096]
 """
 
 from __future__ import annotations
@@ -146,21 +150,99 @@ def bench_moe(report, tokens, copy_gbs):
                   f"{'':>7} | {bb / bq:5.2f}x  (router + experts)", flush=True)
 
 
+def bench_prefill(report, tokens, tflops):
+    """Prefill sizes: the W4A16 WGMMA kernels (tile auto / 128 / 256 tokens) beside the dequantise
+    path and the bf16 op on bf16 weights, same run, TFLOP/s."""
+    from gemma4x.ops import nvfp4_prefill
+
+    def dequant_path(fn):
+        def run():
+            nvfp4.PREFILL_WGMMA = False
+            try:
+                return fn()
+            finally:
+                nvfp4.PREFILL_WGMMA = True
+        return run
+
+    print(f"\n{'prefill dense':<30} {'T':>5} | {'wgmma us':>9} {'TFLOP/s':>7} {'128x128':>7} {'128x256':>7} {'256x128':>7} | "
+          f"{'dequant':>9} {'TFLOP/s':>7} | {'bf16 us':>9} {'TFLOP/s':>7} | vs bf16  vs dequant")
+    for name, (N, K) in DENSE.items():
+        n_sets = max(2, sets_to_rotate(N * K * 2, max_sets=8))
+        qsets = [quantized(N, K, seed) for seed in range(n_sets)]
+        for T in [t for t in tokens if t > nvfp4.GEMV_MAX_TOKENS]:
+            xs = [torch.randn(T, K, device="cuda").bfloat16() for _ in range(n_sets)]
+            flops = 2 * T * N * K
+            t = {}
+            for tile in (0, 1, 2, 3):
+                t[tile] = time_graph([lambda p=p, g=g, x=x, tile=tile: nvfp4_prefill.w4a16_gemm_sm90(x, p, g, tile)
+                                      for (p, g, _), x in zip(qsets, xs)], replays=20).median_us
+            td = time_graph([dequant_path(lambda p=p, g=g, x=x: nvfp4.w4a16_gemm(x, p, g))
+                             for (p, g, _), x in zip(qsets, xs)], replays=20).median_us
+            tb = time_graph([lambda w=w, x=x: F.linear(x, w) for (_, _, w), x in zip(qsets, xs)], replays=20).median_us
+            tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
+            report.add(kind="prefill_dense", shape=name, N=N, K=K, tokens=T, wgmma_us=t[0], wgmma_TFLOPs=tf(t[0]),
+                       wgmma_128x128_us=t[1], wgmma_128x256_us=t[2], wgmma_256x128_us=t[3], dequant_us=td, dequant_TFLOPs=tf(td), bf16_us=tb,
+                       bf16_TFLOPs=tf(tb), vs_bf16=tb / t[0], vs_dequant=td / t[0])
+            print(f"{name:<30} {T:>5} | {t[0]:9.1f} {tf(t[0]):7.1f} {t[1]:7.1f} {t[2]:7.1f} {t[3]:7.1f} | {td:9.1f} {tf(td):7.1f} | "
+                  f"{tb:9.1f} {tf(tb):7.1f} | {tb / t[0]:6.2f}x {td / t[0]:6.2f}x", flush=True)
+        del qsets
+        torch.cuda.empty_cache()
+
+    gu, dn, W4, R = expert_weights()
+    print(f"\n{'prefill experts (26B-A4B)':<26} {'T':>5} | {'wgmma us':>9} {'TFLOP/s':>7} {'128x128':>7} {'128x256':>7} {'256x128':>7} | "
+          f"{'dequant':>9} {'TFLOP/s':>7} | {'bf16 us':>9} {'TFLOP/s':>7} | vs bf16  vs dequant  rel diff")
+    for T in tokens:
+        g = torch.Generator(device="cuda").manual_seed(T)
+        sets = []
+        for _ in range(2):
+            h = (torch.randn(T, H, generator=g, device="cuda") * 2).bfloat16()
+            x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+            w, idx = ref_moe.moe_router(h, R["proj"], R["scale"], R["pes"], TOPK, EPS)
+            sets.append((x, w, idx))
+        flops = 2 * T * TOPK * 3 * I * H
+        t = {}
+        for tile in (0, 1, 2, 3):
+            t[tile] = time_graph([lambda s=s, tile=tile: nvfp4_prefill.w4a16_moe_experts_prefill(s[0], s[2], s[1], **W4, tile=tile)
+                                  for s in sets], replays=10).median_us
+        td = time_graph([dequant_path(lambda s=s: nvfp4.w4a16_moe_experts(s[0], s[2], s[1], **W4)) for s in sets],
+                        replays=10).median_us
+        tb = time_graph([lambda s=s: ops.moe_experts(s[0], s[2], s[1], gu, dn) for s in sets], replays=10).median_us
+        tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
+        out_q = nvfp4_prefill.w4a16_moe_experts_prefill(sets[0][0], sets[0][2], sets[0][1], **W4).float()
+        out_b = ops.moe_experts(sets[0][0], sets[0][2], sets[0][1], gu, dn).float()
+        rel = ((out_q - out_b).norm() / out_b.norm()).item()
+        row = dict(kind="prefill_experts", tokens=T, wgmma_us=t[0], wgmma_TFLOPs=tf(t[0]), wgmma_128x128_us=t[1],
+                   wgmma_128x256_us=t[2], wgmma_256x128_us=t[3], dequant_us=td, dequant_TFLOPs=tf(td), bf16_us=tb, bf16_TFLOPs=tf(tb),
+                   vs_bf16=tb / t[0], vs_dequant=td / t[0], rel_diff_vs_bf16_weights=rel)
+        if T * TOPK <= nvfp4.MOE_CHUNKED_MAX_PAIRS:  # where the chunked decode kernels still run
+            row["chunked_decode_us"] = time_graph(
+                [lambda s=s: nvfp4.w4a16_moe_experts(s[0], s[2], s[1], **W4) for s in sets], replays=10).median_us
+        report.add(**row)
+        extra = f"  chunked decode {row['chunked_decode_us']:.1f} us" if "chunked_decode_us" in row else ""
+        print(f"{'':<26} {T:>5} | {t[0]:9.1f} {tf(t[0]):7.1f} {t[1]:7.1f} {t[2]:7.1f} {t[3]:7.1f} | {td:9.1f} {tf(td):7.1f} | "
+              f"{tb:9.1f} {tf(tb):7.1f} | {tb / t[0]:6.2f}x {td / t[0]:6.2f}x  {rel:.2e}{extra}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-moe", action="store_true")
+    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--prefill-only", action="store_true", help="only the prefill-size comparison")
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=[512, 4096])
     args = p.parse_args()
     report = Report("bench_nvfp4")
     copy_gbs = copy_bandwidth_gbs()
     tflops = matmul_tflops()
     report.ceilings.update(copy_GBps=copy_gbs, matmul_TFLOPs=tflops)
     print(f"device: {report.device}; copy bandwidth {copy_gbs:.0f} GB/s (read + write); bf16 matmul {tflops:.0f} TFLOP/s")
-    if not args.skip_dense:
+    if not args.skip_dense and not args.prefill_only:
         bench_dense(report, args.tokens, copy_gbs)
-    if not args.skip_moe:
+    if not args.skip_moe and not args.prefill_only:
         bench_moe(report, args.tokens, copy_gbs)
+    if not args.skip_prefill:
+        bench_prefill(report, args.prefill_tokens, tflops)
     print("wrote", report.write())
 
 

@@ -100,6 +100,74 @@ void register_nvfp4(py::module_& m) {
       py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"), py::arg("pdl"),
       py::arg("stream"));
 
+  // out [M, N] bf16 = g * x [M, K] bf16 @ W^T, W packed NVFP4, any M (TMA + RS WGMMA, sm_90a).
+  m.def(
+      "w4a16_gemm_sm90",
+      [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t packed, uintptr_t global_scale,
+         int32_t m, int32_t n, int32_t k, int32_t tile, uintptr_t stream) {
+        W4A16GemmParams p{};
+        p.packed = static_cast<const uint8_t*>(as_ptr(packed));
+        p.x = as_ptr(x);
+        p.global_scale = static_cast<const float*>(as_ptr(global_scale));
+        p.out = as_mut_ptr(out);
+        p.x_row_stride = x_stride;
+        p.out_row_stride = out_stride;
+        p.m = m;
+        p.n = n;
+        p.k = k;
+        p.tile = tile;
+        w4a16_gemm_sm90(p, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("packed"),
+      py::arg("global_scale"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("tile"), py::arg("stream"));
+
+  // Bytes of workspace moe_prefill needs for (T, k, E, H, I).
+  m.def(
+      "moe_prefill_workspace_size",
+      [](int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter) {
+        W4A16MoePrefillParams p{};
+        p.tokens = tokens;
+        p.top_k = top_k;
+        p.experts = experts;
+        p.hidden = hidden;
+        p.inter = inter;
+        return w4a16_moe_prefill_workspace_size(p);
+      },
+      py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"), py::arg("inter"));
+
+  // out [T, H] bf16 = sum_j w * GeGLU experts, NVFP4 packed weights, any T*k (W4A16 grouped GEMMs, sm_90a).
+  m.def(
+      "moe_prefill",
+      [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t idx, uintptr_t weights,
+         uintptr_t gate_up, uintptr_t gate_up_scale_2, uintptr_t down, uintptr_t down_scale_2, uintptr_t workspace,
+         size_t workspace_bytes, int32_t tokens, int32_t top_k, int32_t experts, int32_t hidden, int32_t inter,
+         int32_t tile, uintptr_t stream) {
+        W4A16MoePrefillParams p{};
+        p.x = as_ptr(x);
+        p.x_row_stride = x_stride;
+        p.idx = static_cast<const int64_t*>(as_ptr(idx));
+        p.weights = static_cast<const float*>(as_ptr(weights));
+        p.gate_up = static_cast<const uint8_t*>(as_ptr(gate_up));
+        p.gate_up_scale_2 = static_cast<const float*>(as_ptr(gate_up_scale_2));
+        p.down = static_cast<const uint8_t*>(as_ptr(down));
+        p.down_scale_2 = static_cast<const float*>(as_ptr(down_scale_2));
+        p.out = as_mut_ptr(out);
+        p.out_row_stride = out_stride;
+        p.workspace = as_mut_ptr(workspace);
+        p.workspace_bytes = workspace_bytes;
+        p.tokens = tokens;
+        p.top_k = top_k;
+        p.experts = experts;
+        p.hidden = hidden;
+        p.inter = inter;
+        p.tile = tile;
+        w4a16_moe_prefill(p, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("idx"), py::arg("weights"),
+      py::arg("gate_up"), py::arg("gate_up_scale_2"), py::arg("down"), py::arg("down_scale_2"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("hidden"),
+      py::arg("inter"), py::arg("tile"), py::arg("stream"));
+
   // (max tokens of w4a16_gemv, max pairs T*k, max experts E of moe_decode).
   m.def("w4a16_limits", [] {
     const W4A16Limits l = w4a16_limits();

@@ -336,8 +336,11 @@ def test_w4a16_gemm_opcheck():
 
 @cuda
 @pytest.mark.parametrize("M", [65, 512])
-def test_w4a16_gemm_prefill_path_equals_dequantised(M):
+def test_w4a16_gemm_prefill_path_equals_dequantised(M, monkeypatch):
+    """The dequantise fallback (the WGMMA path is tests/ops/test_nvfp4_wgmma.py)."""
     from gemma4x.ops import nvfp4 as ops
+
+    monkeypatch.setattr(ops, "PREFILL_WGMMA", False)
 
     N, K = 2112, 2816
     q, s, gs = nvfp4_quantize(torch.randn(N, K, device="cuda"))
@@ -448,9 +451,12 @@ def test_moe_chunked_decode(T):
 
 @cuda
 @pytest.mark.parametrize("T", [100])
-def test_moe_prefill_path_equals_bf16_op(T):
+def test_moe_prefill_path_equals_bf16_op(T, monkeypatch):
+    """The dequantise fallback (the WGMMA path is tests/ops/test_nvfp4_wgmma.py)."""
     from gemma4x.ops import moe as moe_ops
     from gemma4x.ops import nvfp4 as ops
+
+    monkeypatch.setattr(ops, "PREFILL_WGMMA", False)
 
     E, H, I, k = 128, 2816, 704, 8
     W = _experts(E, H, I, seed=T)
@@ -462,9 +468,12 @@ def test_moe_prefill_path_equals_bf16_op(T):
 
 
 @cuda
-def test_layers_dispatch():
+def test_layers_dispatch(monkeypatch):
     from gemma4x.layers.linear import Linear, NVFP4Linear
     from gemma4x.layers.moe import Experts, NVFP4Experts
+    from gemma4x.ops import nvfp4 as ops
+
+    monkeypatch.setattr(ops, "PREFILL_WGMMA", False)  # 300 rows: the dequantise fallback, bit-exact
 
     lin = Linear(704, 2112).cuda()
     torch.nn.init.normal_(lin.weight, std=0.03)

@@ -13,7 +13,8 @@ exports, ``input_scale`` fp32 scalar (the activation global scale; unused by the
 ``forward_native`` dequantizes and runs the matmul (the CPU path, and the oracle). ``forward``
 on a compute capability 9.0 GPU runs the W4A16 path of :mod:`gemma4x.ops.nvfp4` on a copy of the
 weight repacked once (first CUDA call) into the kernels' layout: the decode kernel up to 64 tokens,
-dequantise-into-bf16 + cuBLAS beyond. Other GPUs (SM100 included, whose W4A4 ``ops.nvfp4_gemm``
+beyond it the W4A16 WGMMA kernel where it measured faster (``ops.nvfp4.dense_prefill_wgmma``),
+else dequantise-into-bf16 + cuBLAS. Other GPUs (SM100 included, whose W4A4 ``ops.nvfp4_gemm``
 needs quantized activations) and the CPU take ``forward_native``. Quantize-at-load
 (:meth:`NVFP4Linear.from_linear`) uses the CUDA quantizer for CUDA weights (bit-identical).
 """

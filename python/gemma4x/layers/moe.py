@@ -26,7 +26,8 @@ ModelOpt gives an expert's gate and up one shared ``weight_scale_2`` and all exp
 path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op. On a
 compute capability 9.0 GPU ``forward`` runs :func:`gemma4x.ops.nvfp4.w4a16_moe_experts` on copies
 repacked once (first CUDA call; gate/up rows interleaved by 8): the NVFP4 decode kernels at
-``T*k <= 64``, dequantise-into-bf16 + the BF16 expert op beyond. On a compute capability 10.0
+``T*k <= 64`` (over token chunks up to 512 pairs), the W4A16 WGMMA grouped GEMMs beyond
+(:mod:`gemma4x.ops.nvfp4_prefill`; dequantise-into-bf16 + the BF16 expert op is the fallback). On a compute capability 10.0
 GPU, batches beyond decode size (``T*k > 64``) run W4A4 through two grouped block-scaled GEMMs
 (:mod:`gemma4x.ops.nvfp4_moe_sm100`; **compiled, not run**). Other GPUs and cases dequantize as
 the reference path does.

@@ -14,6 +14,7 @@ from gemma4x.ops.kv_cache import kv_cache_write
 from gemma4x.ops.moe import moe_experts, moe_router
 from gemma4x.ops.norm import fused_add_rms_norm, moe_tail_norm, rms_norm
 from gemma4x.ops.nvfp4 import nvfp4_quantize, w4a16_dequantize, w4a16_gemm, w4a16_moe_experts
+from gemma4x.ops.nvfp4_prefill import w4a16_gemm_sm90, w4a16_moe_experts_prefill
 from gemma4x.ops.rope import qkv_norm_rope, qkv_norm_rope_or_reference
 
 __all__ = [
@@ -36,5 +37,7 @@ __all__ = [
     "skinny_gemm",
     "w4a16_dequantize",
     "w4a16_gemm",
+    "w4a16_gemm_sm90",
     "w4a16_moe_experts",
+    "w4a16_moe_experts_prefill",
 ]

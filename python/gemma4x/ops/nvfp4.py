@@ -14,8 +14,11 @@ Dispatch by compute capability:
 * 9.0 (H100/H200), bf16 activations: ``M <= 64`` tokens (dense) or ``T*k <= 64`` pairs (experts)
   run the W4A16 decode kernels: dequantisation in registers, bf16 ``mma.sync``, split-K over a
   thread-block cluster; experts up to ``MOE_CHUNKED_MAX_PAIRS`` pairs run them over token chunks.
-  Larger batches (prefill) dequantise into a bf16 scratch with the CUDA dequantizer and run the
-  bf16 GEMM (cuBLAS) or the bf16 expert op.
+  Larger batches (prefill): experts run the W4A16 WGMMA grouped GEMMs of
+  :mod:`gemma4x.ops.nvfp4_prefill` (TMA loads of the packed weights, dequantisation in
+  registers, RS wgmma, GeGLU fused); dense layers run the WGMMA GEMM where it measured faster
+  (:func:`dense_prefill_wgmma`), else dequantise into a bf16 scratch with the CUDA dequantizer
+  and run cuBLAS. ``PREFILL_WGMMA = False`` (and non-bf16 activations) keeps the dequantise path.
 * any other GPU: the dequantize + bf16 path (10.0 keeps the W4A4 ``ops.nvfp4_gemm`` for
   checkpoints with an ``input_scale``; the layers decide).
 
@@ -54,10 +57,26 @@ MOE_MAX_EXPERTS = 256
 # bf16: H200, 26B-A4B shape, one 8-token chunk measured 81.6 us, the dequantise path 1353.6 us at
 # 64 tokens (bench/RESULTS.md), so 8 chunks stay well under it. Beyond, the dequantise path.
 MOE_CHUNKED_MAX_PAIRS = 512
+# Beyond the decode sizes, bf16 activations on a 9.0 GPU take the W4A16 WGMMA kernels of
+# :mod:`gemma4x.ops.nvfp4_prefill` where they measured faster than dequantising into bf16
+# (H200, bench_nvfp4 prefill section, bench/RESULTS.md): routed experts at every T*k >
+# MOE_CHUNKED_MAX_PAIRS (512 tokens 476 us vs 1200 us, 4096 tokens 1217 us vs 1690 us); dense
+# only for wide layers at a few hundred tokens (31B gate|up at 512 tokens 219 us vs 276 us; the
+# 26B shapes and 4096 tokens stay on dequantise + cuBLAS, 0.5-0.9x there). False: the dequantise
+# path everywhere (the benchmark compares both).
+PREFILL_WGMMA = True
+DENSE_WGMMA_MAX_TOKENS = 1024
+DENSE_WGMMA_MIN_N = 16384
+
+
+def dense_prefill_wgmma(m: int, n: int, k: int) -> bool:
+    """True when ``w4a16_gemm`` of ``M`` bf16 rows runs the WGMMA kernel rather than dequantise + cuBLAS."""
+    return PREFILL_WGMMA and GEMV_MAX_TOKENS < m <= DENSE_WGMMA_MAX_TOKENS and n >= DENSE_WGMMA_MIN_N
 
 __all__ = [
     "GEMV_MAX_TOKENS",
     "MOE_MAX_PAIRS",
+    "dense_prefill_wgmma",
     "nvfp4_quantize",
     "sm90_available",
     "w4a16_dequantize",
@@ -303,6 +322,10 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, global_scale: torch.Tensor
     rows = x.reshape(-1, K)
     if x.dtype == torch.bfloat16 and rows.shape[0] <= GEMV_MAX_TOKENS and sm90_available(x.device):
         out = torch.ops.gemma4x.nvfp4_w4a16_gemv(rows, packed, global_scale.reshape(1))
+    elif x.dtype == torch.bfloat16 and dense_prefill_wgmma(rows.shape[0], N, K) and sm90_available(x.device):
+        from gemma4x.ops import nvfp4_prefill  # noqa: F401  (registers the op)
+
+        out = torch.ops.gemma4x.nvfp4_w4a16_gemm_sm90(rows, packed, global_scale.reshape(1), 0)
     else:
         w = w4a16_dequantize(packed, global_scale.reshape(()), x.dtype)
         out = F.linear(rows, w)
@@ -443,6 +466,10 @@ def w4a16_moe_experts(
             ),
             x, idx, weights, MOE_MAX_PAIRS,
         )  # fmt: skip
+    if x.dtype == torch.bfloat16 and PREFILL_WGMMA and E <= 256 and idx.shape[1] <= 32 and sm90_available(x.device):
+        from gemma4x.ops import nvfp4_prefill  # noqa: F401  (registers the op)
+
+        return torch.ops.gemma4x.nvfp4_moe_experts_prefill(x, idx, weights, gate_up, gate_up_scale_2, down, down_scale_2, 0)
     from gemma4x.ops.moe import moe_experts
 
     gu = w4a16_dequantize(gate_up, gate_up_scale_2, x.dtype, interleave_gate_up=True)

@@ -82,3 +82,46 @@ struct MoeDecodeParams {
 };
 
 }  // namespace gemma4x::nvfp4
+
+namespace gemma4x::nvfp4 {
+
+// Prefill W4A16 GEMM (w4a16_wgmma_sm90.cuh): out[m, n] = bf16(g * sum_k x[m, k] * W[n, k]), any M.
+struct W4A16GemmParams {
+  const uint8_t* packed;     // [N/16][K/64][576]
+  const void* x;             // [M, K] bf16, row stride x_row_stride (elements, multiple of 8)
+  const float* global_scale; // [1]
+  void* out;                 // [M, N] bf16, row stride out_row_stride
+  int64_t x_row_stride;
+  int64_t out_row_stride;
+  int32_t m;
+  int32_t n;
+  int32_t k;
+  int32_t tile;              // 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128 (weight rows x tokens)
+};
+
+// Routed GeGLU experts at prefill with packed NVFP4 weights (any T*k): the bf16 prefill path's
+// count / scan / gather and finalize around two W4A16 grouped GEMMs (GEMM1 with GeGLU fused).
+//   out[t, h] = bf16(sum_j w[t, j] * y[q, h]),  y[q] = bf16(act_q . D_e),
+//   act[q, i] = bf16(bf16(gelu(bf16(x_t . G_e[i]))) * bf16(x_t . U_e[i]))     q = t*k + j, e = idx[q]
+struct W4A16MoePrefillParams {
+  const void* x;                  // [T, H] bf16, row stride x_row_stride
+  int64_t x_row_stride;
+  const int64_t* idx;             // [T, k] contiguous; ids outside [0, E) contribute nothing
+  const float* weights;           // [T, k] contiguous
+  const uint8_t* gate_up;         // [E][2I/16][H/64][576], gate/up rows interleaved by 8
+  const float* gate_up_scale_2;   // [E, 2]
+  const uint8_t* down;            // [E][H/16][I/64][576]
+  const float* down_scale_2;      // [E]
+  void* out;                      // [T, H] bf16, row stride out_row_stride
+  int64_t out_row_stride;
+  void* workspace;                // w4a16_moe_prefill_workspace_size bytes, 256-byte aligned
+  size_t workspace_bytes;
+  int32_t tokens;
+  int32_t top_k;
+  int32_t experts;
+  int32_t hidden;
+  int32_t inter;
+  int32_t tile;                   // 0 auto, 1 = 128x128, 2 = 128x256, 3 = 256x128
+};
+
+}  // namespace gemma4x::nvfp4
