@@ -50,17 +50,17 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # head dim 512 always uses 64-row tiles and one CTA per SM). Bit 2 ("fa3"): the
 # FlashAttention-3-structured kernels (TMA producer warpgroup, K/V stage ring, consumer
 # warpgroups): attention_varlen_fa3_sm90.cuh at head dims 256/512, attention_varlen_fa3_small_sm90.cuh
-# at 64/72 (128-key stages, d 72 zero-padded to 80 / 128 in shared memory by the TMA unit).
-# "fa3_alt" is its other schedule: head dims 256/64/72 without the consumers' ping-pong turns, head
-# dim 512 with Q read from shared memory only (not partly from registers). Head dims 64/72 only
-# (256/512 ignore bits 0 and 3 there): "fa3_ss" Q read from shared memory by every S wgmma (else
-# held in registers), "fa3_m192" 192-row tiles (3 consumers), "fa3_emu" "fa3" with a quarter of the
-# exponentials of unmasked tiles on the FMA pipe.
+# at 64/72 (128-key stages, d 72 zero-padded in shared memory by the TMA unit). "fa3_alt" is its
+# other schedule: head dims 256/64/72 without the consumers' ping-pong turns, head dim 512 with Q
+# read from shared memory only (not partly from registers). The others differ from "fa3" / "fa3_alt"
+# at head dims 64/72 only (attention_varlen_fa3_small_sm90.cu): "fa3_s3" 3 K/V stages, "fa3_qreg" Q
+# in registers without the softmax / P.V overlap, "fa3_m192" 192-row tiles (3 consumers),
+# "fa3_emu" a quarter of the exponentials of unmasked tiles on the FMA pipe.
 BACKENDS = {
-    "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_ss": 5,
-    "fa3_m192": 12, "fa3_emu": 14,
+    "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_s3": 5,
+    "fa3_qreg": 7, "fa3_m192": 12, "fa3_emu": 14,
 }  # fmt: skip
-SMALL_ONLY = ("fa3_ss", "fa3_m192", "fa3_emu")  # the same kernels as "fa3" / "fa3_alt" at head dims 256/512
+SMALL_ONLY = ("fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu")  # = "fa3" / "fa3_alt" at head dims 256/512
 FA3 = 4
 
 

@@ -25,7 +25,8 @@
 
 namespace gemma4x::attention {
 
-template <typename T, int D_, int kStages_, int kConsumers_, bool kPingPong_, bool kQRegs_, int kEmuEvery_ = 0>
+template <typename T, int D_, int kStages_, int kConsumers_, bool kPingPong_, bool kQRegs_, bool kSplitWait_,
+          int kEmuEvery_ = 0>
 struct Fa3SmallConfig {
   using Element = T;
   static constexpr int D = D_;                    // real head dim (64 or 72)
@@ -47,6 +48,10 @@ struct Fa3SmallConfig {
   // S = Q K^T (RS wgmma): the SS form re-reads 2 KB of Q from shared memory per k16 step, a third
   // of the shared-memory traffic of S at this head dim.
   static constexpr bool kQRegs = kQRegs_;
+  // Keep the wait for P(n) V(n) below the softmax of S(n+1) (see the main loop). It keeps P(n)'s
+  // 32 registers reserved through the softmax: with Q in registers too, or 160-register
+  // consumers, ptxas then serialises the wgmmas (C7512), so those configs leave it off.
+  static constexpr bool kSplitWait = kSplitWait_;
   static constexpr int kQBytes = kBlockM * 128 * kRegions;
   static constexpr int kKVBytes = kBlockN * 128 * kRegions;
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
@@ -142,6 +147,11 @@ __device__ __forceinline__ float exp2_fma(float x) {
   const float f = x - (t - 12582912.f);
   const float p = fmaf(fmaf(fmaf(0.05517090594f, f, 0.2426095269f), f, 0.6932609624f), f, 0.9999281740f);
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+// Pins two pairs of fp32 registers at this point of the program (see fence_acc).
+__device__ __forceinline__ void fence_scalars(float (&a)[2], float (&b)[2]) {
+  asm volatile("" : "+f"(a[0]), "+f"(a[1]), "+f"(b[0]), "+f"(b[1])::"memory");
 }
 
 template <class Cfg>
@@ -463,6 +473,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         fence_acc<kNT>(s);
         mbarrier_arrive(&k_empty[st1]);
         softmax(nn);
+        fence_acc<kNT>(s);
+        fence_scalars(row_sum, rescale);
+        // ptxas hoists the wait for P(n) V(n) above the softmax, to the top of their common basic
+        // block (seen in SASS), and the softmax then no longer overlaps the MMA. A branch here
+        // (never taken: the launcher checks scale > 0) ends the block and keeps the wait below.
+        if constexpr (Cfg::kSplitWait) {
+          if (p.scale_log2 <= 0.f) __trap();
+        }
         wgmma_wait<0>();
         fence_acc<kOT>(acc_o);
         mbarrier_arrive(&v_empty[st]);
