@@ -25,7 +25,7 @@ pytestmark = [
     ),
 ]
 
-SMALL = ("fa3", "fa3_alt", "fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu")
+SMALL = ("fa3", "fa3_alt", "fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu", "fa3_s3_emu")
 BIDIR = {"window_left": None, "window_right": None}
 
 
@@ -167,5 +167,5 @@ def test_default_backend_is_fa3():
 
 def test_opcheck(gen):
     q, k, v, cq, ck = _inputs(_lens(70, 200), 4, 4, 72, torch.bfloat16, gen)
-    for variant in (4, 5, 6, 7, 12, 14):
+    for variant in (4, 5, 6, 7, 12, 13, 14):
         torch.library.opcheck(torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, -1, False, 1.0, variant))

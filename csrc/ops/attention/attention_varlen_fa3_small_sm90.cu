@@ -24,7 +24,8 @@ constexpr const char* kOp = "attention_varlen (fa3, head dim 64/72)";
 //  12 ("fa3_m192"): 192 query rows, 3 consumers of 160 registers running free, no overlap.
 //  14 ("fa3_emu"):  "fa3" with every 4th n8 tile of P's exponentials (25%) on the FMA pipe on
 //                   unmasked tiles.
-// Other values with bit 3 pick "fa3_m192".
+//  13 ("fa3_s3_emu"): both.
+// 15 picks "fa3_m192".
 template <typename T, int D>
 using SmallCfg = Fa3SmallConfig<T, D, 2, 2, true, false, true>;
 template <typename T, int D>
@@ -37,6 +38,8 @@ template <typename T, int D>
 using SmallCfg192 = Fa3SmallConfig<T, D, 2, 3, false, false, false>;
 template <typename T, int D>
 using SmallCfgEmu = Fa3SmallConfig<T, D, 2, 2, true, false, true, 4>;
+template <typename T, int D>
+using SmallCfgS3Emu = Fa3SmallConfig<T, D, 3, 2, true, false, true, 4>;
 
 template <class Cfg>
 void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
@@ -67,6 +70,7 @@ void with_d(int variant, F&& f) {
     case 2: f(SmallCfgAlt<T, D>{}); break;
     case 3: f(SmallCfgQReg<T, D>{}); break;
     case 10: f(SmallCfgEmu<T, D>{}); break;
+    case 9: f(SmallCfgS3Emu<T, D>{}); break;
     default: f(SmallCfg192<T, D>{}); break;
   }
 }

@@ -55,12 +55,12 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # read from shared memory only (not partly from registers). The others differ from "fa3" / "fa3_alt"
 # at head dims 64/72 only (attention_varlen_fa3_small_sm90.cu): "fa3_s3" 3 K/V stages, "fa3_qreg" Q
 # in registers without the softmax / P.V overlap, "fa3_m192" 192-row tiles (3 consumers),
-# "fa3_emu" a quarter of the exponentials of unmasked tiles on the FMA pipe.
+# "fa3_emu" a quarter of the exponentials of unmasked tiles on the FMA pipe, "fa3_s3_emu" both.
 BACKENDS = {
     "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_s3": 5,
-    "fa3_qreg": 7, "fa3_m192": 12, "fa3_emu": 14,
+    "fa3_qreg": 7, "fa3_m192": 12, "fa3_emu": 14, "fa3_s3_emu": 13,
 }  # fmt: skip
-SMALL_ONLY = ("fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu")  # = "fa3" / "fa3_alt" at head dims 256/512
+SMALL_ONLY = ("fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu", "fa3_s3_emu")  # = "fa3" / "fa3_alt" at head dims 256/512
 FA3 = 4
 
 
@@ -68,7 +68,7 @@ def block_m(d: int, variant: int) -> int:
     """Query rows per CTA of the kernel for head dim ``d`` (a GPU test compares with the extension)."""
     if variant & FA3:
         if d in (64, 72):
-            return 192 if variant & 8 and (variant & 3) != 2 else 128
+            return 192 if variant & 11 in (8, 11) else 128
         return 128 if d == 256 else 64
     return 64 if d == 512 or variant & 2 else 128
 
