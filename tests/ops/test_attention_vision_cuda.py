@@ -25,7 +25,7 @@ pytestmark = [
     ),
 ]
 
-SMALL = ("fa3", "fa3_alt", "fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu", "fa3_s3_emu")
+SMALL = ("fa3", "fa3_alt", "fa3_ovl", "fa3_m192")
 BIDIR = {"window_left": None, "window_right": None}
 
 
@@ -99,8 +99,7 @@ def test_fp16_scale_and_keyless_queries(backend, d, gen):
 @pytest.mark.parametrize("backend", SMALL)
 @pytest.mark.parametrize("d", [64, 72])
 def test_large_logits(backend, d, gen):
-    # Scores of O(30): the online softmax rescales across the 128-key tiles (and the polynomial
-    # exponential sees arguments far below -1).
+    # Scores of O(30): the online softmax rescales across the 128-key tiles.
     q, k, v, cq, ck = _inputs(_lens(1500), 16, 16, d, torch.bfloat16, gen)
     _check(q * 4, k * 4, v, cq, ck, backend, **BIDIR)
 
@@ -139,7 +138,7 @@ def test_strided_views(backend, gen):
     _check(q, k, v, cu, cu, backend, **BIDIR)
 
 
-@pytest.mark.parametrize("backend", [None, "fa3", "fa3_m192"])
+@pytest.mark.parametrize("backend", [None, "fa3", "fa3_ovl", "fa3_m192"])
 @pytest.mark.parametrize("d", [64, 72])
 def test_cuda_graph_capture(backend, d, gen):
     q, k, v, cq, ck = _inputs(_lens(1024, 300), 16, 16, d, torch.bfloat16, gen)
@@ -167,5 +166,6 @@ def test_default_backend_is_fa3():
 
 def test_opcheck(gen):
     q, k, v, cq, ck = _inputs(_lens(70, 200), 4, 4, 72, torch.bfloat16, gen)
-    for variant in (4, 5, 6, 7, 12, 13, 14):
-        torch.library.opcheck(torch.ops.gemma4x.attention_varlen, (q, k, v, cq, ck, None, None, -1, -1, False, 1.0, variant))
+    for variant in (4, 5, 6, 12):
+        args = (q, k, v, cq, ck, None, None, -1, -1, False, 1.0, variant)
+        torch.library.opcheck(torch.ops.gemma4x.attention_varlen, args)

@@ -13,33 +13,23 @@ namespace {
 
 constexpr const char* kOp = "attention_varlen (fa3, head dim 64/72)";
 
-// Tile shapes, one CTA per SM, 128-key K/V stages (d 72: 2 regions of 128-byte rows per tile, Q
-// 32 KB + stages x (K 32 + V 32) KB at 128 rows). Variant bits 0, 1, 3 (bit 2 is set):
-//  4 ("fa3"):       128 query rows, 2 consumers taking turns at their MMAs, 2 stages, Q read from
-//                   shared memory (SS wgmma), the softmax of S(n+1) overlapping P(n) V(n).
-//  5 ("fa3_s3"):    "fa3" with 3 stages (d 72: 224 KB).
-//  6 ("fa3_alt"):   "fa3" with the consumers running free.
-//  7 ("fa3_qreg"):  "fa3" with Q in registers (RS wgmma) and without the softmax / P V overlap,
-//                   which does not fit the registers then.
-//  12 ("fa3_m192"): 192 query rows, 3 consumers of 160 registers running free, no overlap.
-//  14 ("fa3_emu"):  "fa3" with every 4th n8 tile of P's exponentials (25%) on the FMA pipe on
-//                   unmasked tiles.
-//  13 ("fa3_s3_emu"): both.
-// 15 picks "fa3_m192".
+// Tile shapes, one CTA per SM, 128-key K/V stages, 2 stages (d 72: 2 regions of 128-byte rows per
+// tile, Q 32 KB + 2 x (K 32 + V 32) KB = 160 KB at 128 rows). Variant bits 0, 1, 3 (bit 2 is set):
+//  4 ("fa3"):       128 query rows, 2 consumers taking turns at their MMAs, Q in registers (RS
+//                   wgmma for S). ptxas moves the wait for P(n) V(n) above the softmax of S(n+1).
+//  6 ("fa3_alt"):   the same, the consumers running free.
+//  5 ("fa3_ovl"):   "fa3" with Q read from shared memory (SS) and the softmax of S(n+1) kept
+//                   overlapping P(n) V(n) (kSplitWait); measured no faster (bench/RESULTS.md).
+//  12 ("fa3_m192"): 192 query rows, 3 consumers of 160 registers running free, Q in shared memory.
+// Other values pick "fa3" (bits 0 and 1 both set) or "fa3_m192" (bit 3 set).
 template <typename T, int D>
-using SmallCfg = Fa3SmallConfig<T, D, 2, 2, true, false, true>;
+using SmallCfg = Fa3SmallConfig<T, D, 2, 2, true, true, false>;
 template <typename T, int D>
-using SmallCfgS3 = Fa3SmallConfig<T, D, 3, 2, true, false, true>;
+using SmallCfgAlt = Fa3SmallConfig<T, D, 2, 2, false, true, false>;
 template <typename T, int D>
-using SmallCfgAlt = Fa3SmallConfig<T, D, 2, 2, false, false, true>;
-template <typename T, int D>
-using SmallCfgQReg = Fa3SmallConfig<T, D, 2, 2, true, true, false>;
+using SmallCfgOvl = Fa3SmallConfig<T, D, 2, 2, true, false, true>;
 template <typename T, int D>
 using SmallCfg192 = Fa3SmallConfig<T, D, 2, 3, false, false, false>;
-template <typename T, int D>
-using SmallCfgEmu = Fa3SmallConfig<T, D, 2, 2, true, false, true, 4>;
-template <typename T, int D>
-using SmallCfgS3Emu = Fa3SmallConfig<T, D, 3, 2, true, false, true, 4>;
 
 template <class Cfg>
 void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
@@ -64,14 +54,14 @@ void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
 
 template <typename T, int D, typename F>
 void with_d(int variant, F&& f) {
-  switch (variant & 11) {
-    case 0: f(SmallCfg<T, D>{}); break;
-    case 1: f(SmallCfgS3<T, D>{}); break;
-    case 2: f(SmallCfgAlt<T, D>{}); break;
-    case 3: f(SmallCfgQReg<T, D>{}); break;
-    case 10: f(SmallCfgEmu<T, D>{}); break;
-    case 9: f(SmallCfgS3Emu<T, D>{}); break;
-    default: f(SmallCfg192<T, D>{}); break;
+  if (variant & 8) {
+    f(SmallCfg192<T, D>{});
+  } else if ((variant & 3) == 1) {
+    f(SmallCfgOvl<T, D>{});
+  } else if ((variant & 3) == 2) {
+    f(SmallCfgAlt<T, D>{});
+  } else {
+    f(SmallCfg<T, D>{});
   }
 }
 

@@ -52,15 +52,14 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # warpgroups): attention_varlen_fa3_sm90.cuh at head dims 256/512, attention_varlen_fa3_small_sm90.cuh
 # at 64/72 (128-key stages, d 72 zero-padded in shared memory by the TMA unit). "fa3_alt" is its
 # other schedule: head dims 256/64/72 without the consumers' ping-pong turns, head dim 512 with Q
-# read from shared memory only (not partly from registers). The others differ from "fa3" / "fa3_alt"
-# at head dims 64/72 only (attention_varlen_fa3_small_sm90.cu): "fa3_s3" 3 K/V stages, "fa3_qreg" Q
-# in registers without the softmax / P.V overlap, "fa3_m192" 192-row tiles (3 consumers),
-# "fa3_emu" a quarter of the exponentials of unmasked tiles on the FMA pipe, "fa3_s3_emu" both.
+# read from shared memory only (not partly from registers). At head dims 64/72 only ("fa3" /
+# "fa3_alt" at 256/512): "fa3_ovl" Q from shared memory with the softmax kept overlapping P.V,
+# "fa3_m192" 192-row tiles (3 consumer warpgroups).
 BACKENDS = {
-    "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_s3": 5,
-    "fa3_qreg": 7, "fa3_m192": 12, "fa3_emu": 14, "fa3_s3_emu": 13,
+    "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_ovl": 5,
+    "fa3_m192": 12,
 }  # fmt: skip
-SMALL_ONLY = ("fa3_s3", "fa3_qreg", "fa3_m192", "fa3_emu", "fa3_s3_emu")  # = "fa3" / "fa3_alt" at head dims 256/512
+SMALL_ONLY = ("fa3_ovl", "fa3_m192")  # the same kernels as "fa3" / "fa3_alt" at head dims 256/512
 FA3 = 4
 
 
@@ -68,7 +67,7 @@ def block_m(d: int, variant: int) -> int:
     """Query rows per CTA of the kernel for head dim ``d`` (a GPU test compares with the extension)."""
     if variant & FA3:
         if d in (64, 72):
-            return 192 if variant & 11 in (8, 11) else 128
+            return 192 if variant & 8 else 128
         return 128 if d == 256 else 64
     return 64 if d == 512 or variant & 2 else 128
 
@@ -309,7 +308,7 @@ def attention_varlen(
             :data:`DEFAULT_BACKENDS` for the head dim): ``"wgmma"`` / ``"mma_sync"`` pick the MMA
             instructions of the cp.async kernel (head dim 72 always runs mma.sync), the ``_m64``
             forms 64-row tiles with several CTAs per SM; ``"fa3*"`` the warp-specialised TMA
-            kernels (every head dim; ``"fa3_m192"`` / ``"fa3_emu"`` differ from ``"fa3"`` at head
+            kernels (every head dim; ``"fa3_ovl"`` / ``"fa3_m192"`` differ from ``"fa3"`` at head
             dims 64/72 only).
         check_offsets: check the offsets' values on the host (one sync; skipped during CUDA-graph
             capture). Callers that build the offsets themselves pass False.

@@ -16,6 +16,11 @@
 //    descriptor's leading byte offset is the region stride). Global memory is read at 144-byte
 //    rows and never padded.
 //
+// Measured (bench/RESULTS.md, H200, d 72, 4k patches: 340 TFLOP/s, cuDNN 366; ncu): tensor pipe
+// ~43% and MUFU (exp2) ~38% busy, the consumers mostly stalled on fixed-latency dependencies
+// (the softmax's max / sum chains), almost never on the wgmmas. Neither keeping the softmax
+// overlapped with P V (kSplitWait), nor a third K/V stage, nor a quarter of the exponentials on
+// the FMA pipe, nor 192-row tiles changed that by more than 2%.
 // Contract, tile classification and mask: those of attention_varlen_sm90.cuh (params.h), so
 // windows, image blocks and cached prefixes work at these head dims too; the block-id summaries
 // (64-key chunks) are combined over the two or three chunks a 128-key tile touches.
@@ -25,8 +30,7 @@
 
 namespace gemma4x::attention {
 
-template <typename T, int D_, int kStages_, int kConsumers_, bool kPingPong_, bool kQRegs_, bool kSplitWait_,
-          int kEmuEvery_ = 0>
+template <typename T, int D_, int kStages_, int kConsumers_, bool kPingPong_, bool kQRegs_, bool kSplitWait_>
 struct Fa3SmallConfig {
   using Element = T;
   static constexpr int D = D_;                    // real head dim (64 or 72)
@@ -40,17 +44,14 @@ struct Fa3SmallConfig {
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr bool kPingPong = kPingPong_ && kConsumers == 2;
-  // > 0: on unmasked key tiles, every kEmuEvery-th n8 tile of P takes exp2 from a polynomial on
-  // the FMA pipe (exp2_fma) instead of the MUFU unit, which at head dim 64/72 is nearly as busy as
-  // the tensor cores (16 exponentials per clock and SM against 16 score elements' worth of MMAs).
-  static constexpr int kEmuEvery = kEmuEvery_;
-  // Q's k16 slices held in registers (4 + 4 + ... = 4 kKSteps registers) as the A operand of
-  // S = Q K^T (RS wgmma): the SS form re-reads 2 KB of Q from shared memory per k16 step, a third
-  // of the shared-memory traffic of S at this head dim.
+  // Q's k16 slices held in registers (4 kKSteps registers) as the A operand of S = Q K^T (RS
+  // wgmma) instead of re-read from shared memory by every k16 step (SS): a third less
+  // shared-memory traffic for S; measured 0-3% faster.
   static constexpr bool kQRegs = kQRegs_;
-  // Keep the wait for P(n) V(n) below the softmax of S(n+1) (see the main loop). It keeps P(n)'s
-  // 32 registers reserved through the softmax: with Q in registers too, or 160-register
-  // consumers, ptxas then serialises the wgmmas (C7512), so those configs leave it off.
+  // Keep the wait for P(n) V(n) below the softmax of S(n+1) (see the main loop); otherwise ptxas
+  // moves it above. It keeps P(n)'s 32 registers reserved through the softmax: with Q in
+  // registers too, or 160-register consumers, ptxas then serialises the wgmmas (C7512), so
+  // those configs leave it off.
   static constexpr bool kSplitWait = kSplitWait_;
   static constexpr int kQBytes = kBlockM * 128 * kRegions;
   static constexpr int kKVBytes = kBlockN * 128 * kRegions;
@@ -138,17 +139,6 @@ __device__ __forceinline__ void wgmma_rs_64x72_tb(float (*acc)[4], const uint32_
 #endif
 }
 
-// 2^x for x <= 0 on the FMA pipe: 2^round(x) from the exponent bits, 2^f (|f| <= 1/2) from a
-// degree-3 fit of relative error 7.5e-5 (below half an ulp of bf16 and fp16, which P is rounded
-// to). x below -126 gives a denormal-sized value in place of 0; x must be finite.
-__device__ __forceinline__ float exp2_fma(float x) {
-  x = fmaxf(x, -126.f);
-  const float t = x + 12582912.f;  // 1.5 * 2^23: round(x) lands in the low mantissa bits of t
-  const float f = x - (t - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(0.05517090594f, f, 0.2426095269f), f, 0.6932609624f), f, 0.9999281740f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // Pins two pairs of fp32 registers at this point of the program (see fence_acc).
 __device__ __forceinline__ void fence_scalars(float (&a)[2], float (&b)[2]) {
   asm volatile("" : "+f"(a[0]), "+f"(a[1]), "+f"(b[0]), "+f"(b[1])::"memory");
@@ -157,7 +147,8 @@ __device__ __forceinline__ void fence_scalars(float (&a)[2], float (&b)[2]) {
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     attention_varlen_fa3_small_kernel(const __grid_constant__ AttentionVarlenParams p,
-                                      const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                                      const __grid_constant__ CUtensorMap tm_q,
+                                      const __grid_constant__ CUtensorMap tm_k,
                                       const __grid_constant__ CUtensorMap tm_v) {
   using T = typename Cfg::Element;
   constexpr bool kBf16 = MmaType<T>::kBf16;
@@ -355,8 +346,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // for O, row_max / row_sum updated. exp2(-inf) is +0 (ex2.approx), so masked scores need no
     // select after the exponential.
     auto softmax = [&](int n) {
-      const int cls = classify(n);
-      if (cls == TileClass::kPartial) {
+      if (classify(n) == TileClass::kPartial) {
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -387,30 +377,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         rescale[i] = fast_exp2(row_max[i] * p.scale_log2 - m_use[i]);  // row_max -inf: 0
         row_max[i] = mx;
       }
-      // Full tiles hold no -inf, so the polynomial may take part of the exponentials there.
-      constexpr int kEmu = Cfg::kEmuEvery > 0 ? Cfg::kEmuEvery : 1;
-      const bool emu = Cfg::kEmuEvery > 0 && cls == TileClass::kFull;
       float sum[2] = {0.f, 0.f};
-      if (emu) {
 #pragma unroll
-        for (int j = 0; j < kNT; ++j)
+      for (int j = 0; j < kNT; ++j)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const float x = fmaf(s[j][r], p.scale_log2, -m_use[r / 2]);
-            const float e = (Cfg::kEmuEvery > 0 && j % kEmu == kEmu - 1) ? exp2_fma(x) : fast_exp2(x);
-            s[j][r] = e;
-            sum[r / 2] += e;
-          }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const float e = fast_exp2(fmaf(s[j][r], p.scale_log2, -m_use[r / 2]));  // exp2(-inf) = +0
-            s[j][r] = e;
-            sum[r / 2] += e;
-          }
-      }
+        for (int r = 0; r < 4; ++r) {
+          const float e = fast_exp2(fmaf(s[j][r], p.scale_log2, -m_use[r / 2]));  // exp2(-inf) = +0
+          s[j][r] = e;
+          sum[r / 2] += e;
+        }
 #pragma unroll
       for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * rescale[i] + sum[i];
     };
