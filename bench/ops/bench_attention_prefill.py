@@ -4,8 +4,9 @@ Vision tower first, then text layers (one sequence of L tokens, bf16): head dim 
 layers of the large models) and head dim 256 with 16 / 8 (sliding layers), at L = 1k, 8k, 32k,
 for three masks: causal; sliding window 1024 (window_left = 1023); sliding window 1024 with image
 blocks (bidirectional inside each image: 280-token images every 2k tokens and one 2000-token image,
-longer than the window). Vision tower: head dim 72, 16 heads, bidirectional, one image of
-1k / 2.3k / 4k patches and 8 images of 1k packed.
+longer than the window). Vision tower: head dim 72 with 16 heads (26B-A4B / 31B) and head dim 64
+with 12 heads (E2B / E4B), bidirectional, one image of 1k / 2.3k / 4k patches and 8 images of 1k
+packed in one launch (SDPA runs those as a batch of 8).
 
 TFLOP/s count only allowed (query, key) pairs: 4 * pairs * d * nH. Every row is a CUDA-graph
 replay median in one process, beside the measured bf16 matmul ceiling. Baselines: each SDPA
@@ -117,8 +118,10 @@ def bench_case(rep, name, q, k, v, cu, wl, wr, blocks, d, nH, pairs, args, t_sta
     for be in ops_attn.BACKENDS:
         if args.backends and be not in args.backends:
             continue
-        if (d == 72 and (be.startswith("wgmma") or be.startswith("fa3"))) or (d == 512 and be.endswith("_m64")):
+        if (d == 72 and be.startswith("wgmma")) or (d == 512 and be.endswith("_m64")):
             continue  # the same kernel as another backend
+        if d in (256, 512) and be in ops_attn.SMALL_ONLY:
+            continue  # these bits only change head dims 64/72
         fn = lambda be=be: ops.attention_varlen(q, k, v, cu, cu, window_left=wl, window_right=wr,  # noqa: E731
                                                 q_block=blocks, k_block=blocks, backend=be, check_offsets=False)
         row[f"gemma4x_{be}"] = timed(fn, replays)
@@ -169,6 +172,7 @@ def main():
     ap.add_argument("--backends", type=lambda s: s.split(","), default=None, help="gemma4x backends to time (all)")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     ap.add_argument("--no-vision", action="store_true", help="text cases only")
+    ap.add_argument("--vision-only", action="store_true", help="vision cases only")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -182,8 +186,9 @@ def main():
     rep.ceilings["matmul_tflops"] = mm = matmul_tflops()
     print(f"device {rep.device}; bf16 matmul ceiling {mm:.0f} TFLOP/s", flush=True)
     t_start = time.time()
-    d, nH = 72, 16
-    for n_img, L in () if args.no_vision else ((1, 1024), (1, 2304), (1, 4096), (8, 1024)):
+    for (d, nH), (n_img, L) in [] if args.no_vision else [
+        (dh, nl) for dh in ((72, 16), (64, 12)) for nl in ((1, 1024), (1, 2304), (1, 4096), (8, 1024))
+    ]:
         T = n_img * L
         q = torch.randn(T, nH, d, device="cuda").to(DT) * 0.3
         k = torch.randn(T, nH, d, device="cuda").to(DT) * 0.3
@@ -191,17 +196,28 @@ def main():
         cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
         if n_img == 1:
             bench_case(rep, "vision", q, k, v, cu, None, None, None, d, nH, L * L, args, t_start)
-        else:  # packed images: the kernel runs them in one launch; SDPA/flex rows are per image
+        else:  # packed images: the kernel runs them in one launch, SDPA as a batch of n_img
             tflop = 4 * n_img * L * L * d * nH / 1e12
             row, cells = dict(case=f"vision x{n_img}", L=L, d=d, heads=nH, tflop=tflop), []
-            for be in ("mma_sync", "mma_sync_m64"):
+            for be in ops_attn.BACKENDS:
+                if (args.backends and be not in args.backends) or (d == 72 and be.startswith("wgmma")):
+                    continue
                 def fn(be=be, q=q, k=k, v=v, cu=cu):
                     return ops.attention_varlen(q, k, v, cu, cu, window_left=None, window_right=None, backend=be,
                                                 check_offsets=False)  # fmt: skip
-                row[f"gemma4x_{be}"] = t = timed(fn, 20)
-                cells.append(f"gemma4x_{be}=" + (f"{t:.0f}us/{tflop / (t * 1e-6):.0f}TF" if isinstance(t, float) else t))
+                row[f"gemma4x_{be}"] = timed(fn, 20)
+            qs, ks, vs = (t.view(n_img, L, nH, d).transpose(1, 2) for t in (q, k, v))
+            for be in () if args.no_sdpa else ("flash", "cudnn", "efficient"):
+                row[f"sdpa_{be}"] = timed(sdpa_fn(be, qs, ks, vs, None, False), 20)
+            for key, t in row.items():
+                if key.startswith(("gemma4x", "sdpa")):
+                    cells.append(f"{key}=" + (f"{t:.0f}us/{tflop / (t * 1e-6):.0f}TF" if isinstance(t, float) else t))
             rep.add(**row)
+            rep.write()
             print(f"vision x{n_img:<14} L={L:<6} d={d:<3} {nH}/{nH}  " + "  ".join(cells), flush=True)
+    if args.vision_only:
+        print("json:", rep.write())
+        return
     lengths = args.lengths or ([1024, 8192] if args.quick else [1024, 8192, 32768])
     for L in lengths:
         for d, nH, nKV in ((512, 16, 2), (256, 16, 8)):

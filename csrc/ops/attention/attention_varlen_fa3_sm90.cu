@@ -13,19 +13,6 @@ namespace {
 
 constexpr const char* kOp = "attention_varlen (fa3)";
 
-// Tile shapes, one CTA per SM (384 threads):
-//  d 256: 128 query rows (2 consumers x 64), 64-key stages, 2 stages: Q 64 KB + 2 x (K 32 + V 32) KB.
-//         The consumers take turns issuing their MMAs; variant bit 1: they run free.
-//  d 512: 64 query rows (2 consumers x half of d), 32-key stages, 2 stages: Q 64 KB + 2 x (32 + 32) KB
-//         + 16 KB partial-S exchange. The first 6 of the 16 k16 slices of each consumer's Q are
-//         held in registers (more spill: O 128 + S 16 + P 8 registers come first); variant bit 1:
-//         Q read from shared memory only. 64-key stages fit only once (64 + 128 + 32 KB): no
-//         prefetch depth, and the registers of S and P double; not built.
-template <typename T, bool kAlt>
-using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1, 0, !kAlt>;
-template <typename T, bool kAlt>
-using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2, kAlt ? 0 : 6>;
-
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* ptr = nullptr;
@@ -39,10 +26,10 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// Tensor map over a [rows, heads, d] tensor with strides (row, head) in elements: dims (d, heads,
-// rows), box {64, 1, box_rows}, 128-byte swizzle, zero fill past the last row.
-CUtensorMap make_map(const char* name, const void* ptr, bool bf16, int d, int heads, int rows, int64_t row_stride,
-                     int64_t head_stride, int box_rows) {
+}  // namespace
+
+CUtensorMap make_attention_tensor_map(const char* name, const void* ptr, bool bf16, int d, int heads, int rows,
+                                      int64_t row_stride, int64_t head_stride, int box_rows) {
   // A stride of a size-1 dimension is never used; the encoder still wants a valid one.
   if (heads == 1) head_stride = d;
   if (rows <= 1) row_stride = static_cast<int64_t>(heads) * head_stride;
@@ -66,15 +53,30 @@ CUtensorMap make_map(const char* name, const void* ptr, bool bf16, int d, int he
   return map;
 }
 
+namespace {
+
+// Tile shapes, one CTA per SM (384 threads):
+//  d 256: 128 query rows (2 consumers x 64), 64-key stages, 2 stages: Q 64 KB + 2 x (K 32 + V 32) KB.
+//         The consumers take turns issuing their MMAs; variant bit 1: they run free.
+//  d 512: 64 query rows (2 consumers x half of d), 32-key stages, 2 stages: Q 64 KB + 2 x (32 + 32) KB
+//         + 16 KB partial-S exchange. The first 6 of the 16 k16 slices of each consumer's Q are
+//         held in registers (more spill: O 128 + S 16 + P 8 registers come first); variant bit 1:
+//         Q read from shared memory only. 64-key stages fit only once (64 + 128 + 32 KB): no
+//         prefetch depth, and the registers of S and P double; not built.
+template <typename T, bool kAlt>
+using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1, 0, !kAlt>;
+template <typename T, bool kAlt>
+using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2, kAlt ? 0 : 6>;
+
 template <class Cfg>
 void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
   constexpr bool kBf16 = MmaType<typename Cfg::Element>::kBf16;
-  const CUtensorMap tq = make_map("q", p.q, kBf16, p.head_dim, p.num_heads, p.total_q, p.q_row_stride,
-                                  p.q_head_stride, Cfg::kBlockM);
-  const CUtensorMap tk = make_map("k", p.k, kBf16, p.head_dim, p.num_kv_heads, p.total_k, p.k_row_stride,
-                                  p.k_head_stride, Cfg::kBlockN);
-  const CUtensorMap tv = make_map("v", p.v, kBf16, p.head_dim, p.num_kv_heads, p.total_k, p.v_row_stride,
-                                  p.v_head_stride, Cfg::kBlockN);
+  const CUtensorMap tq = make_attention_tensor_map("q", p.q, kBf16, p.head_dim, p.num_heads, p.total_q,
+                                                   p.q_row_stride, p.q_head_stride, Cfg::kBlockM);
+  const CUtensorMap tk = make_attention_tensor_map("k", p.k, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
+                                                   p.k_row_stride, p.k_head_stride, Cfg::kBlockN);
+  const CUtensorMap tv = make_attention_tensor_map("v", p.v, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
+                                                   p.v_row_stride, p.v_head_stride, Cfg::kBlockN);
   auto kernel = attention_varlen_fa3_kernel<Cfg>;
   static bool configured = false;  // the attribute is per function; set it once
   if (!configured) {

@@ -29,9 +29,11 @@ using Cfg64 = std::conditional_t<S, AttnConfig<T, 64, 64, 1, W, 3>, AttnConfig<T
 template <typename T, bool S>
 using Cfg80 = std::conditional_t<S, AttnConfig<T, 80, 64, 1, false, 3>, AttnConfig<T, 80, 128, 1, false, 2>>;
 
-constexpr int kVariantWgmma = 1, kVariantSmallTile = 2, kVariantFa3 = 4;
+constexpr int kVariantWgmma = 1, kVariantSmallTile = 2, kVariantFa3 = 4, kVariantWide = 8;
 
 bool is_fa3(int head_dim, int variant) { return (variant & kVariantFa3) && (head_dim == 256 || head_dim == 512); }
+// Head dims 64/72 with bit 2: the small-head-dim FA3 kernel (attention_varlen_fa3_small_sm90.cu).
+bool is_fa3_small(int head_dim, int variant) { return (variant & kVariantFa3) && (head_dim == 64 || head_dim == 72); }
 
 template <class Cfg>
 void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
@@ -93,7 +95,8 @@ void check_stride(const char* name, int64_t stride) {
 
 int attention_varlen_block_m(int head_dim, int variant) {
   if (is_fa3(head_dim, variant)) return attention_varlen_fa3_block_m(head_dim, variant);
-  variant &= ~kVariantFa3;  // head dims 64/72: the cp.async kernel
+  if (is_fa3_small(head_dim, variant)) return attention_varlen_fa3_small_block_m(head_dim, variant);
+  variant &= ~(kVariantFa3 | kVariantWide);
   int block_m = 0;
   with_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
   return block_m;
@@ -102,7 +105,7 @@ int attention_varlen_block_m(int head_dim, int variant) {
 void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int variant, cudaStream_t stream) {
   GEMMA4X_CHECK_ARG(dtype == DType::kBFloat16 || dtype == DType::kFloat16, kOp,
                     ": dtype must be bfloat16 or float16, got ", dtype_name(dtype));
-  GEMMA4X_CHECK_ARG(variant >= 0 && variant <= 7, kOp, ": variant must be in [0, 7], got ", variant);
+  GEMMA4X_CHECK_ARG(variant >= 0 && variant <= 15, kOp, ": variant must be in [0, 15], got ", variant);
   const int block_m = attention_varlen_block_m(p.head_dim, variant);
   GEMMA4X_CHECK_ARG(block_m > 0, kOp, ": head_dim must be 64, 72, 256 or 512, got ", p.head_dim);
   GEMMA4X_CHECK_ARG(p.block_m == block_m, kOp, ": tile_cum was built for ", p.block_m, "-row tiles, the kernel uses ",
@@ -140,7 +143,11 @@ void attention_varlen(AttentionVarlenParams p, DType dtype, float scale, int var
     attention_varlen_fa3(p, dtype, variant, stream);
     return;
   }
-  variant &= ~kVariantFa3;
+  if (is_fa3_small(p.head_dim, variant)) {
+    attention_varlen_fa3_small(p, dtype, variant, stream);
+    return;
+  }
+  variant &= ~(kVariantFa3 | kVariantWide);
   auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
   if (dtype == DType::kBFloat16) {
     with_config<__nv_bfloat16>(p.head_dim, variant, run);

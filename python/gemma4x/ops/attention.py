@@ -48,26 +48,35 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # Kernel variants (csrc/ops/attention/attention_varlen_sm90.cu): bit 0 warpgroup MMAs (wgmma; head
 # dim 72 always runs mma.sync), bit 1 64-row tiles with several CTAs per SM (head dims 256/64/72;
 # head dim 512 always uses 64-row tiles and one CTA per SM). Bit 2 ("fa3"): the
-# FlashAttention-3-structured kernel (attention_varlen_fa3_sm90.cuh: TMA producer warp, K/V
-# stage ring, two consumer warpgroups) at head dims 256/512; head dims 64/72 run "mma_sync" /
-# "mma_sync_m64" for it. "fa3_alt" is its other schedule: head dim 256 without the consumers'
-# ping-pong turns, head dim 512 with Q read from shared memory only (not partly from registers).
-BACKENDS = {"wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6}
+# FlashAttention-3-structured kernels (TMA producer warpgroup, K/V stage ring, consumer
+# warpgroups): attention_varlen_fa3_sm90.cuh at head dims 256/512, attention_varlen_fa3_small_sm90.cuh
+# at 64/72 (128-key stages, d 72 zero-padded in shared memory by the TMA unit). "fa3_alt" is its
+# other schedule: head dims 256/64/72 without the consumers' ping-pong turns, head dim 512 with Q
+# read from shared memory only (not partly from registers). At head dims 64/72 only ("fa3" /
+# "fa3_alt" at 256/512): "fa3_ovl" Q from shared memory with the softmax kept overlapping P.V,
+# "fa3_m192" 192-row tiles (3 consumer warpgroups).
+BACKENDS = {
+    "wgmma": 1, "wgmma_m64": 3, "mma_sync": 0, "mma_sync_m64": 2, "fa3": 4, "fa3_alt": 6, "fa3_ovl": 5,
+    "fa3_m192": 12,
+}  # fmt: skip
+SMALL_ONLY = ("fa3_ovl", "fa3_m192")  # the same kernels as "fa3" / "fa3_alt" at head dims 256/512
 FA3 = 4
 
 
 def block_m(d: int, variant: int) -> int:
     """Query rows per CTA of the kernel for head dim ``d`` (a GPU test compares with the extension)."""
-    if variant & FA3 and d in (256, 512):
+    if variant & FA3:
+        if d in (64, 72):
+            return 192 if variant & 8 else 128
         return 128 if d == 256 else 64
     return 64 if d == 512 or variant & 2 else 128
 
 
 # Default variant per head dim, from bench/RESULTS.md (H200, one run): "fa3" beats "wgmma" on 17 of
 # the 18 text rows (8k causal: 603 vs 413 TFLOP/s at d 256, 334 vs 296 at d 512; the exception is
-# d 512 window + images at 32k, 4% slower) and "fa3_alt" everywhere; head dims 64/72 keep "wgmma"
-# (head dim 72 runs mma.sync).
-DEFAULT_BACKENDS = {64: "wgmma", 72: "wgmma", 256: "fa3", 512: "fa3"}
+# d 512 window + images at 32k, 4% slower) and "fa3_alt" everywhere. Head dims 64/72 (vision):
+# "fa3" (attention_varlen_fa3_small_sm90.cuh), see the vision section of bench/RESULTS.md.
+DEFAULT_BACKENDS = {64: "fa3", 72: "fa3", 256: "fa3", 512: "fa3"}
 DEFAULT_BACKEND = "wgmma"  # head dims not in DEFAULT_BACKENDS (none today)
 
 
@@ -219,7 +228,7 @@ def _attention_varlen_op(
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     tiles = (cu_q[1:] - cu_q[:-1] + bm - 1) // bm
     tile_cum = F.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0)).contiguous()
-    tma = bool(variant & FA3) and d in (256, 512)
+    tma = bool(variant & FA3)
     q, k, v = _aligned(q, tma), _aligned(k, tma), _aligned(v, tma)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     qb = kb = kb_min = kb_max = None
@@ -297,8 +306,10 @@ def attention_varlen(
         scale: multiplies ``q.k``, finite and ``> 0`` (Gemma 4 uses 1.0).
         backend: one of :data:`BACKENDS` (default: ``$GEMMA4X_ATTN_MMA`` or
             :data:`DEFAULT_BACKENDS` for the head dim): ``"wgmma"`` / ``"mma_sync"`` pick the MMA
-            instructions (head dim 72 always runs mma.sync), the ``_m64`` forms 64-row tiles with
-            several CTAs per SM; ``"fa3"`` the warp-specialised TMA kernel (head dims 256/512).
+            instructions of the cp.async kernel (head dim 72 always runs mma.sync), the ``_m64``
+            forms 64-row tiles with several CTAs per SM; ``"fa3*"`` the warp-specialised TMA
+            kernels (every head dim; ``"fa3_ovl"`` / ``"fa3_m192"`` differ from ``"fa3"`` at head
+            dims 64/72 only).
         check_offsets: check the offsets' values on the host (one sync; skipped during CUDA-graph
             capture). Callers that build the offsets themselves pass False.
 
