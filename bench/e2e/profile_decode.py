@@ -8,11 +8,12 @@ prompt per sequence, then measure at batch 1 and 8
   - the kernels inside one replay (torch.profiler, CUPTI), summed per kernel name and per
     category, against the step's weight-byte floor at the copy bandwidth measured in the same run.
 
-    python bench/e2e/profile_decode.py --models 26b-a4b e2b [--batches 1 8] [--top 25] [--before]
+    python bench/e2e/profile_decode.py --models 26b-a4b e2b [--batches 1 8] [--top 25]
+        [--variants before now cublas]
 
-``--before`` first measures the step as the runtime ran it before the fused q/k/v and gate/up
-GEMMs, the skinny GEMM for decode linears and the one-launch q/k/v norm + RoPE kernel (graphs re-captured without them), then as it
-runs now, in the same process.
+``--variants`` measures several decode paths in the same process, graphs re-captured for each:
+``before`` (separate projections on cuBLAS, q/k/v norms + RoPE as PyTorch ops), ``now`` (the
+runtime's path) and ``cublas`` (``now`` with every linear on cuBLAS).
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ def kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 5) -> dict[str, tup
     return {k: (v[0], round(v[1])) for k, v in table.items()}
 
 
-def _previous_path(rt: Gemma4Runtime, on: bool) -> None:
-    """Switch the decode step to the path of before the fused projections and qkv_norm_rope (or back)."""
+def _set_path(rt: Gemma4Runtime, variant: str) -> None:
+    """Put the decode step on one path and re-capture the graphs:
+    ``before``: separate q/k/v and gate/up GEMMs on cuBLAS, norms + RoPE as the op chain;
+    ``now``: fused projections, ``ops.gemv.linear`` (skinny GEMM at decode), ``ops.qkv_norm_rope``;
+    ``cublas``: as ``now`` with every linear on cuBLAS (the skinny GEMM's share)."""
     from gemma4x import ops
     from gemma4x.layers import dispatch
     from gemma4x.reference import rope as ref
@@ -133,20 +137,19 @@ def _previous_path(rt: Gemma4Runtime, on: bool) -> None:
 
     saved = rt.__dict__.setdefault("_fused_saved", {})
     for i, layer in enumerate(rt.model.layers):
-        if on:
+        if i not in saved:
             saved[i] = (layer.self_attn.fused_qkv, layer.mlp.fused_gate_up)
-            layer.self_attn.fused_qkv = layer.mlp.fused_gate_up = None
-        elif i in saved:
-            layer.self_attn.fused_qkv, layer.mlp.fused_gate_up = saved[i]
-    dispatch._CUDA.qkv_norm_rope = chain if on else ops.qkv_norm_rope_or_reference
-    dispatch._CUDA.linear = torch.nn.functional.linear if on else ops.gemv.linear
+        fused = saved[i] if variant != "before" else (None, None)
+        layer.self_attn.fused_qkv, layer.mlp.fused_gate_up = fused
+    dispatch._CUDA.qkv_norm_rope = chain if variant == "before" else ops.qkv_norm_rope_or_reference
+    dispatch._CUDA.linear = ops.gemv.linear if variant == "now" else torch.nn.functional.linear
     rt.graphs = None
     torch.cuda.empty_cache()
     rt.graphs = CudaGraphDecoder(rt.model, rt.cache, max_batch_size=rt.max_batch_size, max_seq_len=rt.max_seq_len)
 
 
 def profile_model(name: str, batches: list[int], top: int, decode_tokens: int, bw: float, report: Report,
-                  workdir: str | None, before: bool) -> None:
+                  workdir: str | None, variants: list[str]) -> None:
     cfg = copy.deepcopy(presets.preset(name))
     path = tempfile.mkdtemp(prefix=f"gemma4x_{name}_", dir=workdir)
     try:
@@ -156,10 +159,9 @@ def profile_model(name: str, batches: list[int], top: int, decode_tokens: int, b
                                            max_seq_len=1024)
         rt.eos_token_ids = ()
         print(f"{name}: checkpoint + load {time.perf_counter() - t0:.1f} s", flush=True)
-        variants = [("before", True), ("now", False)] if before else [("now", None)]
-        for (variant, previous), batch in ((v, b) for v in variants for b in batches):
-            if previous is not None and batch == batches[0]:
-                _previous_path(rt, previous)
+        for variant, batch in ((v, b) for v in variants for b in batches):
+            if batch == batches[0] and variants != ["now"]:
+                _set_path(rt, variant)
             prompts = [[2] + [1000 + 7 * i + j for j in range(127)] for i in range(batch)]
             rt.generate(prompts, max_new_tokens=1)  # warm-up; the caches hold 128 positions per slot
             t1 = []
@@ -210,13 +212,14 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--before", action="store_true", help="also measure the path of before, in the same process")
+    p.add_argument("--variants", nargs="+", default=["now"], choices=["before", "now", "cublas"],
+                   help="decode paths to measure in the same process (see _set_path)")
     args = p.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
     report = Report("profile_decode_" + "_".join(args.models))
     for name in args.models:
-        profile_model(name, args.batches, args.top, args.decode_tokens, bw, report, args.workdir, args.before)
+        profile_model(name, args.batches, args.top, args.decode_tokens, bw, report, args.workdir, args.variants)
         torch.cuda.empty_cache()
     print("wrote", report.write(), flush=True)
 

@@ -21,6 +21,10 @@ from gemma4x.ops._launch import on_device
 from gemma4x.ops._load import extension
 
 MAX_TOKENS = 16  # csrc/ops/gemv/gemv.h kMaxTokens (a GPU test compares)
+# linear() takes the kernel up to this many tokens. H200, bench_skinny_gemm: at 1-8 tokens it
+# ties or beats cuBLAS on most Gemma 4 decode shapes (26B o / gate-up 1.16-1.28x, q/k/v 0.89x);
+# at 16 tokens cuBLAS wins on most (0.57-0.98x), so 9-16 tokens stay with cuBLAS.
+DISPATCH_MAX_TOKENS = 8
 ROWS = 16  # N must be a multiple of this (rows per block)
 STEP_K = 32  # K must be a multiple of this (columns per warp step)
 _OP = "skinny_gemm"
@@ -48,13 +52,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:  # noqa: UP045
-    """Whether :func:`skinny_gemm` serves this call (device, dtype, sizes, layout)."""
+    """Whether :func:`linear` runs this call on :func:`skinny_gemm` (device, dtype, sizes, layout)."""
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and x.dim() >= 1):
         return False
     N, K = weight.shape
     return (
         x.shape[-1] == K
-        and 0 < x.numel() // max(K, 1) <= MAX_TOKENS
+        and 0 < x.numel() // max(K, 1) <= DISPATCH_MAX_TOKENS
         and N % ROWS == 0
         and K % STEP_K == 0
         and weight.dtype == x.dtype
@@ -73,6 +77,8 @@ def _skinny_gemm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if rows.stride(-1) != 1 or (M > 1 and rows.stride(0) % 8) or rows.data_ptr() % 16:
         rows = rows.contiguous()
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
     with on_device(x) as stream:
         extension().gemv.skinny_gemm(
             out.data_ptr(), N, rows.data_ptr(), rows.stride(0) if M > 1 else K, weight.data_ptr(),

@@ -106,6 +106,8 @@ def _qkv_norm_rope_op(
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out, k_out, v_out = _empty_like_rows(q, q), _empty_like_rows(k, q), _empty_like_rows(v, q)
     B, T, _, d = q.shape
+    if B * T == 0:
+        return q_out, k_out, v_out
     with on_device(q) as stream:
         extension().rope.qkv_norm_rope(
             _launch_args("q", q, q_weight, eps, True, q_out),
