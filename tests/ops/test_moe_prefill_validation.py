@@ -114,7 +114,7 @@ def test_prefill_device_ok_by_arch(monkeypatch, cc, env, sm90, sm100, expected):
 
     fake = types.SimpleNamespace(moe_prefill=types.SimpleNamespace(has_sm90=sm90, has_sm100=sm100))
     monkeypatch.setattr(moe_ops, "extension", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cc)
+    monkeypatch.setattr(moe_ops, "device_capability", lambda device: cc)
     monkeypatch.setattr(moe_ops, "_prefill_device_cache", {})
     monkeypatch.setenv("GEMMA4X_MOE_PREFILL_SM100", env)
     assert moe_ops.prefill_device_ok(torch.device("cuda", 0)) == expected

@@ -297,7 +297,7 @@ def test_wrapper_says_when_the_extension_lacks_sm100(monkeypatch):
 def test_wrapper_refuses_other_gpus(monkeypatch, cc):
     from gemma4x.ops import gemm as gemm_mod
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(gemm_mod, "device_capability", lambda device: cc)
     with pytest.raises(
         RuntimeError,
         match=rf"needs a compute capability 10.0 GPU .*is {cc[0]}\.{cc[1]}",

@@ -246,9 +246,11 @@ class NVFP4Experts(nn.Module):
         H, I = self.hidden_size, self.intermediate_size
         if not x.is_cuda or self.group_size != NVFP4_BLOCK or H % 64 or I % 64:
             return False
-        if torch.cuda.get_device_capability(x.device) != (10, 0):
-            return False
+        from gemma4x.ops._launch import device_capability
         from gemma4x.ops._load import cuda_kernels_available, extension
+
+        if device_capability(x.device) != (10, 0):
+            return False
 
         return cuda_kernels_available() and bool(getattr(extension().gemm, "has_sm100", False))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -25,6 +26,21 @@ def as_rows(t: torch.Tensor, name: str, op: str, *, writable: bool = False) -> t
         rows = t.reshape(-1, hidden)
     stride = rows.stride(0) if rows.shape[0] > 1 else hidden
     return rows, stride
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` of a CUDA device; cached, since dispatch asks on every call.
+
+    The one place the ops and layers read it, so every arch decision (sm_90a kernels on 9.0,
+    sm_100a on 10.0) sees the same answer.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ builds without an sm_90 target), so every CUDA GPU gets the same contract.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from gemma4x.ops._checks import _fmt_dtype
 from gemma4x.ops._dtypes import DTYPE_CODES
-from gemma4x.ops._launch import on_device
+from gemma4x.ops._launch import device_capability, on_device
 from gemma4x.ops._load import cuda_kernels_available, extension
 from gemma4x.reference.attention import attention_mask
 
@@ -163,18 +162,13 @@ def _check_cu_values(cu_seqlens_q, cu_seqlens_k, Nq, Nk) -> None:
             raise ValueError(f"{OP}: {name} {shown} must start at 0, never decrease and end at {total}")
 
 
-@functools.lru_cache(maxsize=8)
-def _device_is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
 def kernel_supported(q: torch.Tensor) -> bool:
     """True when the sm_90a kernel can run for tensors like ``q`` (else :func:`attention_varlen` uses SDPA)."""
     if not q.is_cuda or q.dtype not in _DTYPES or q.dim() != 3 or q.shape[-1] not in HEAD_DIMS:
         return False
     if not cuda_kernels_available() or not getattr(extension().attention, "has_sm90", False):
         return False
-    return _device_is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return device_capability(q.device) == (9, 0)
 
 
 def _aligned(t: torch.Tensor, tma: bool = False) -> torch.Tensor:

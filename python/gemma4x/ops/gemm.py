@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from gemma4x.ops._checks import _fmt_dtype, check_cuda
-from gemma4x.ops._launch import on_device
+from gemma4x.ops._launch import device_capability, on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_grouped_scale_capacity, nvfp4_swizzled_size
 
@@ -94,7 +94,7 @@ def _gemm_module():
 
 
 def _check_gpu(t: torch.Tensor, op: str = _OP) -> None:
-    cc = torch.cuda.get_device_capability(t.device)
+    cc = device_capability(t.device)
     if cc != (10, 0):
         raise RuntimeError(
             f"{op}: the NVFP4 block-scaled GEMM is compiled for sm_100a and needs a compute capability 10.0 GPU "

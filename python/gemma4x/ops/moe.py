@@ -35,7 +35,7 @@ import torch
 
 from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_float_scalar, check_rows, check_tensor, check_weight
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
-from gemma4x.ops._launch import as_rows, on_device
+from gemma4x.ops._launch import as_rows, device_capability, on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference import moe as _ref
 from gemma4x.reference.moe import deinterleave_gate_up, interleave_gate_up  # noqa: F401  (re-exported)
@@ -284,7 +284,7 @@ def prefill_device_ok(device: torch.device) -> bool:
     ok = _prefill_device_cache.get(index)
     if ok is None:
         ok = False
-        cc = torch.cuda.get_device_capability(index)
+        cc = device_capability(device)
         try:
             mod = extension().moe_prefill
             if cc == (9, 0):

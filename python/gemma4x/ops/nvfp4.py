@@ -30,14 +30,12 @@ k slots) is the bf16 expert op's.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from gemma4x.ops._checks import _fmt_dtype, check_cuda, check_tensor
 from gemma4x.ops._dtypes import DTYPE_CODES, dtype_code
-from gemma4x.ops._launch import on_device
+from gemma4x.ops._launch import device_capability, on_device
 from gemma4x.ops._load import ExtensionUnavailableError, extension
 from gemma4x.reference.nvfp4_w4a16 import (
     UNIT_BYTES,
@@ -101,11 +99,6 @@ def _packed_shape(op: str, name: str, packed: torch.Tensor, lead: int) -> tuple[
     return packed.shape[-3] * UNIT_ROWS, packed.shape[-2] * UNIT_K
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def sm90_available(device: torch.device) -> bool:
     """True when the W4A16 decode kernels can run on ``device``: a 9.0 GPU and an sm_90a build."""
     if device.type != "cuda":
@@ -114,8 +107,7 @@ def sm90_available(device: torch.device) -> bool:
         mod = extension()
     except ExtensionUnavailableError:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return bool(getattr(mod.nvfp4, "has_sm90", False)) and _capability(index) == (9, 0)
+    return bool(getattr(mod.nvfp4, "has_sm90", False)) and device_capability(device) == (9, 0)
 
 
 # --- quantizer ---------------------------------------------------------------------------------
