@@ -15,25 +15,10 @@ import pytest
 import torch
 from gemma4x.config import load_config, nvfp4_quant_config
 from gemma4x.layers.linear import FusedLinear, Linear, NVFP4Linear
-from gemma4x.loader import load_checkpoint
-from gemma4x.models.text import Gemma4TextModel
+from test_text_model import build as _build
+from test_text_model import our_logits as _logits
 
 pytest.importorskip("transformers")
-
-
-def _build(path, device="cpu", dtype=torch.float32) -> Gemma4TextModel:
-    mc = load_config(path)
-    with torch.device("meta"):
-        model = Gemma4TextModel(mc.text, mc.mm_placeholder_token_ids)
-    ignore = model.ignored_checkpoint_keys(mc.weight_prefix)
-    load_checkpoint(model, path, prefix=mc.weight_prefix, device=device, dtype=dtype, ignore_patterns=ignore)
-    return model.eval()
-
-
-def _logits(model, ids, native=False):
-    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    with torch.inference_mode():
-        return model.compute_logits((model.forward_native if native else model.forward)(ids, pos))
 
 
 @pytest.fixture(scope="module")
