@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.harness import Report  # noqa: E402
+from bench.harness import Report, copy_bandwidth_gbs  # noqa: E402
 from gemma4x import checkpoint, presets  # noqa: E402
 from gemma4x.runtime import Gemma4Runtime  # noqa: E402
 
@@ -55,21 +55,6 @@ def category(name: str) -> str:
         if any(k in low for k in keys):
             return cat
     return "other"
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), median of 10."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() / statistics.median(times[2:])
 
 
 def step_weight_bytes(model, t, batch: int) -> float:
@@ -124,16 +109,10 @@ def _set_path(rt: Gemma4Runtime, variant: str) -> None:
     ``before``: separate q/k/v and gate/up GEMMs on cuBLAS, norms + RoPE as the op chain;
     ``now``: fused projections, ``ops.gemv.linear`` (skinny GEMM at decode), ``ops.qkv_norm_rope``;
     ``cublas``: as ``now`` with every linear on cuBLAS (the skinny GEMM's share)."""
+    from bench.ops.bench_qkv_norm_rope import eager_chain
     from gemma4x import ops
     from gemma4x.layers import dispatch
-    from gemma4x.reference import rope as ref
     from gemma4x.runtime.cuda_graph import CudaGraphDecoder
-
-    def chain(q, k, v, qw, kw, cos, sin, eps):
-        q = ref.apply_rope(ops.rms_norm(q, qw, eps), cos, sin)
-        if k is not None:
-            k = ref.apply_rope(ops.rms_norm(k, kw, eps), cos, sin)
-        return q, k, (ops.rms_norm(v, None, eps) if v is not None else None)
 
     saved = rt.__dict__.setdefault("_fused_saved", {})
     for i, layer in enumerate(rt.model.layers):
@@ -141,7 +120,7 @@ def _set_path(rt: Gemma4Runtime, variant: str) -> None:
             saved[i] = (layer.self_attn.fused_qkv, layer.mlp.fused_gate_up)
         fused = saved[i] if variant != "before" else (None, None)
         layer.self_attn.fused_qkv, layer.mlp.fused_gate_up = fused
-    dispatch._CUDA.qkv_norm_rope = chain if variant == "before" else ops.qkv_norm_rope_or_reference
+    dispatch._CUDA.qkv_norm_rope = eager_chain if variant == "before" else ops.qkv_norm_rope_or_reference
     dispatch._CUDA.linear = ops.gemv.linear if variant == "now" else torch.nn.functional.linear
     rt.graphs = None
     torch.cuda.empty_cache()
@@ -215,7 +194,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=["now"], choices=["before", "now", "cublas"],
                    help="decode paths to measure in the same process (see _set_path)")
     args = p.parse_args()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gbs() * 1e9  # bytes/s, read + write, measured in this process
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
     report = Report("profile_decode_" + "_".join(args.models))
     for name in args.models:

@@ -38,10 +38,11 @@ LAYERS = [
 
 
 def eager_chain(q, k, v, qw, kw, cos, sin, eps):
-    """The runtime's previous path: gemma4x RMSNorm kernels, RoPE in PyTorch ops."""
+    """The runtime's previous path: gemma4x RMSNorm kernels, RoPE in PyTorch ops (k, v may be None)."""
     q = ref.apply_rope(ops.rms_norm(q, qw, eps), cos, sin)
-    k = ref.apply_rope(ops.rms_norm(k, kw, eps), cos, sin)
-    return q, k, ops.rms_norm(v, None, eps)
+    if k is not None:
+        k = ref.apply_rope(ops.rms_norm(k, kw, eps), cos, sin)
+    return q, k, (ops.rms_norm(v, None, eps) if v is not None else None)
 
 
 def main():

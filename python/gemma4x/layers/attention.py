@@ -138,16 +138,14 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         ops = ops_for(x, native)
         B, T, _ = x.shape
-        q, k_raw, v_raw = self._project(x, native)
+        q, k_raw, v_raw = self._project(x, native)  # k_raw, v_raw: None on KV-shared layers
+        k_weight = None if self.is_reuse else self.k_norm.weight
+        q, k, v = ops.qkv_norm_rope(q, k_raw, v_raw, self.q_norm.weight, k_weight, cos, sin, self.q_norm.eps)
         if self.is_reuse:
             if shared is None:
                 raise RuntimeError(f"layer {self.layer} reuses KV but its producer stored none in this forward")
-            q, _, _ = ops.qkv_norm_rope(q, None, None, self.q_norm.weight, None, cos, sin, self.q_norm.eps)
             keys = shared
         else:
-            q, k, v = ops.qkv_norm_rope(
-                q, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps
-            )
             keys = kv.update(self.layer, k, v, positions)
         if isinstance(keys, CachedKV):
             if self.window_right != 0:
