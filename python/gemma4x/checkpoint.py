@@ -363,32 +363,31 @@ def nvfp4_state_dict(model, prefix: str) -> dict[str, torch.Tensor]:
     from gemma4x.layers.moe import NVFP4Experts
 
     out: dict[str, torch.Tensor] = {}
-    fused: set[str] = set()
+    state = model.state_dict()  # the checkpoint layout, also of modules holding W4A16-packed weights
     for name, mod in model.named_modules():
         if not isinstance(mod, NVFP4Experts):
             continue
         base = f"{prefix}{name}."
         I = mod.intermediate_size
-        for pname, _ in mod.named_parameters(recurse=False):
-            fused.add(f"{name}.{pname}")
+        own = [k for k in state if k.startswith(f"{name}.")]  # a leaf module: all its own tensors
+        t = {k[len(name) + 1 :]: state.pop(k) for k in own}
         for e in range(mod.num_experts):
             for h, proj in enumerate(("gate_proj", "up_proj")):
                 rows = slice(h * I, (h + 1) * I)
                 k = f"{base}{e}.{proj}."
-                out[k + "weight"] = mod.gate_up_weight[e, rows]
-                out[k + "weight_scale"] = mod.gate_up_weight_scale[e, rows]
-                out[k + "weight_scale_2"] = mod.gate_up_weight_scale_2[e, h]
-                if mod.gate_up_input_scale is not None:
-                    out[k + "input_scale"] = mod.gate_up_input_scale[e, h]
+                out[k + "weight"] = t["gate_up_weight"][e, rows]
+                out[k + "weight_scale"] = t["gate_up_weight_scale"][e, rows]
+                out[k + "weight_scale_2"] = t["gate_up_weight_scale_2"][e, h]
+                if "gate_up_input_scale" in t:
+                    out[k + "input_scale"] = t["gate_up_input_scale"][e, h]
             k = f"{base}{e}.down_proj."
-            out[k + "weight"] = mod.down_weight[e]
-            out[k + "weight_scale"] = mod.down_weight_scale[e]
-            out[k + "weight_scale_2"] = mod.down_weight_scale_2[e]
-            if mod.down_input_scale is not None:
-                out[k + "input_scale"] = mod.down_input_scale[e]
-    for name, t in model.state_dict().items():
-        if name not in fused:
-            out[prefix + name] = t
+            out[k + "weight"] = t["down_weight"][e]
+            out[k + "weight_scale"] = t["down_weight_scale"][e]
+            out[k + "weight_scale_2"] = t["down_weight_scale_2"][e]
+            if "down_input_scale" in t:
+                out[k + "input_scale"] = t["down_input_scale"][e]
+    for name, t in state.items():
+        out[prefix + name] = t
     return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
 
 

@@ -34,6 +34,9 @@ Contract with the model (``models/``) and the runtime's ``from_pretrained``:
   checkpoint keys; a matching key that the model does not want is skipped silently (KV
   weights of KV-shared layers, towers not loaded, a tied ``lm_head.weight``). They never
   excuse a *missing* tensor.
+* A module holding its weights in another layout than the checkpoint's (NVFP4 layers packed
+  for the SM90 kernels) defines ``restore_checkpoint_layout_()``; a reload into a real model
+  calls it first, so the model's tensors are the checkpoint's again.
 
 Every problem — missing, unexpected, wrong shape, unusable dtype, a corrupt or truncated
 file, an inconsistent index — is reported as one :class:`CheckpointError` naming the
@@ -529,6 +532,10 @@ def load_checkpoint(
         raise ValueError(f"invalid ignore pattern: {exc}") from None
 
     entries = scan_checkpoint(path)
+    for module in model.modules():
+        restore = getattr(module, "restore_checkpoint_layout_", None)
+        if callable(restore):
+            restore()
     targets = _collect_targets(model)
     plan = _plan(targets, entries, prefix, dtype, ignore, path)
 

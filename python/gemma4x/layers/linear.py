@@ -11,8 +11,10 @@ exports, ``input_scale`` fp32 scalar (the activation global scale; unused by the
     y = x @ W^T (+ b)                                             W cast to x.dtype, one rounding
 
 ``forward_native`` dequantizes and runs the matmul (the CPU path, and the oracle). ``forward``
-on a compute capability 9.0 GPU runs the W4A16 path of :mod:`gemma4x.ops.nvfp4` on a copy of the
-weight repacked once (first CUDA call) into the kernels' layout: the decode kernel up to 64 tokens,
+on a compute capability 9.0 GPU runs the W4A16 path of :mod:`gemma4x.ops.nvfp4` on the weight
+repacked once into the kernels' layout, which then replaces ``weight``/``weight_scale`` (one copy
+on the GPU; the names still read as the checkpoint layout, rebuilt on demand: see
+:mod:`gemma4x.layers.nvfp4_storage` and :meth:`~W4A16Storage.pack_w4a16_`): the decode kernel up to 64 tokens,
 beyond it the W4A16 WGMMA kernel where it measured faster (``ops.nvfp4.dense_prefill_wgmma``),
 else dequantise-into-bf16 + cuBLAS. Other GPUs (SM100 included, whose W4A4 ``ops.nvfp4_gemm``
 needs quantized activations) and the CPU take ``forward_native``. Quantize-at-load
@@ -21,11 +23,14 @@ needs quantized activations) and the CPU take ``forward_native``. Quantize-at-lo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
+from gemma4x.layers.nvfp4_storage import W4A16Storage
 from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
 
 
@@ -54,7 +59,9 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class NVFP4Linear(nn.Module):
+class NVFP4Linear(W4A16Storage, nn.Module):
+    _W4A16_PAIRS: ClassVar[dict[str, tuple[str, str, bool]]] = {"w4a16_weight": ("weight", "weight_scale", False)}
+
     def __init__(
         self,
         in_features: int,
@@ -91,25 +98,23 @@ class NVFP4Linear(nn.Module):
         return out
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype, self.group_size)
+        weight, scale = self.checkpoint_pair("w4a16_weight")
+        return nvfp4_dequantize(weight, scale, self.weight_scale_2, dtype, self.group_size)
 
-    def w4a16_supported(self, x: torch.Tensor) -> bool:
-        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
-        if not x.is_cuda or self.group_size != NVFP4_BLOCK or self.out_features % 16 or self.in_features % 64:
+    def _w4a16_applicable(self, device: torch.device) -> bool:
+        if device.type != "cuda" or self.group_size != NVFP4_BLOCK or self.out_features % 16 or self.in_features % 64:
             return False
         from gemma4x.ops.nvfp4 import sm90_available
 
-        return sm90_available(x.device)
+        return sm90_available(device)
+
+    def w4a16_supported(self, x: torch.Tensor) -> bool:
+        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
+        return x.is_cuda and self._w4a16_applicable(x.device)
 
     def w4a16_packed(self) -> torch.Tensor:
-        """The weight in the W4A16 kernels' layout, built on the first call (and after a reload or move)."""
-        key = (self.weight.device, self.weight.data_ptr(), self.weight._version, self.weight_scale.data_ptr())
-        if getattr(self, "_w4a16_key", None) != key:
-            from gemma4x.reference.nvfp4_w4a16 import w4a16_pack
-
-            self._w4a16 = w4a16_pack(self.weight, self.weight_scale)
-            self._w4a16_key = key
-        return self._w4a16
+        """The weight in the W4A16 kernels' layout (``[N/16, K/64, 576]``), packing the layer on the first call."""
+        return self.w4a16_packed_pairs()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w4a16_supported(x):
@@ -123,7 +128,8 @@ class NVFP4Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, nvfp4"
+        packed = ", w4a16-packed" if self.w4a16_is_packed else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, nvfp4{packed}"
 
 
 def quantize_nvfp4(w: torch.Tensor, global_scale=None):

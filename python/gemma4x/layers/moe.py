@@ -24,8 +24,10 @@ input_scale}`` fused per layer (gate rows first, as in ``gate_up_proj``)::
 ModelOpt gives an expert's gate and up one shared ``weight_scale_2`` and all experts one
 ``input_scale`` per projection; the layout keeps each checkpoint scalar anyway. The reference
 path dequantizes (``e2m1 * weight_scale * weight_scale_2``) and runs the BF16 expert op. On a
-compute capability 9.0 GPU ``forward`` runs :func:`gemma4x.ops.nvfp4.w4a16_moe_experts` on copies
-repacked once (first CUDA call; gate/up rows interleaved by 8): the NVFP4 decode kernels at
+compute capability 9.0 GPU ``forward`` runs :func:`gemma4x.ops.nvfp4.w4a16_moe_experts` on the
+weights repacked once (gate/up rows interleaved by 8) into ``w4a16_gate_up`` / ``w4a16_down``,
+which replace the four checkpoint-layout tensors (one copy on the GPU; their names still read as
+before, rebuilt on demand: :mod:`gemma4x.layers.nvfp4_storage`): the NVFP4 decode kernels at
 ``T*k <= 64`` (over token chunks up to 512 pairs), the W4A16 WGMMA grouped GEMMs beyond
 (:mod:`gemma4x.ops.nvfp4_prefill`; dequantise-into-bf16 + the BF16 expert op is the fallback). On a compute capability 10.0
 GPU, batches beyond decode size (``T*k > 64``) run W4A4 through two grouped block-scaled GEMMs
@@ -35,11 +37,14 @@ the reference path does.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from gemma4x.layers.dispatch import ops_for
 from gemma4x.layers.linear import Linear, as_quant_param, quant_param, quantize_nvfp4
+from gemma4x.layers.nvfp4_storage import W4A16Storage
 from gemma4x.loader import CheckpointPart
 from gemma4x.reference.moe import GATE_UP_BLOCK, deinterleave_gate_up, interleave_gate_up
 from gemma4x.reference.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale
@@ -139,7 +144,12 @@ def _into(index):
     return load
 
 
-class NVFP4Experts(nn.Module):
+class NVFP4Experts(W4A16Storage, nn.Module):
+    _W4A16_PAIRS: ClassVar[dict[str, tuple[str, str, bool]]] = {
+        "w4a16_gate_up": ("gate_up_weight", "gate_up_weight_scale", True),
+        "w4a16_down": ("down_weight", "down_weight_scale", False),
+    }
+
     def __init__(
         self,
         num_experts: int,
@@ -213,33 +223,30 @@ class NVFP4Experts(nn.Module):
         """``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` in ``dtype``, as the BF16 Experts hold them."""
         I = self.intermediate_size
         g_rows = self.gate_up_weight_scale_2.repeat_interleave(I, dim=1)  # [E, 2I]: gate rows, then up rows
-        gu = nvfp4_dequantize(self.gate_up_weight, self.gate_up_weight_scale, g_rows, dtype, self.group_size)
-        dn = nvfp4_dequantize(
-            self.down_weight, self.down_weight_scale, self.down_weight_scale_2, dtype, self.group_size
-        )
+        gu_w, gu_s = self.checkpoint_pair("w4a16_gate_up")
+        gu = nvfp4_dequantize(gu_w, gu_s, g_rows, dtype, self.group_size)
+        del gu_w, gu_s  # rebuilt copies when packed: one pair alive at a time
+        dn_w, dn_s = self.checkpoint_pair("w4a16_down")
+        dn = nvfp4_dequantize(dn_w, dn_s, self.down_weight_scale_2, dtype, self.group_size)
         return gu, dn
 
-    def w4a16_supported(self, x: torch.Tensor) -> bool:
-        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
+    def _w4a16_applicable(self, device: torch.device) -> bool:
         H, I = self.hidden_size, self.intermediate_size
-        if not x.is_cuda or self.group_size != NVFP4_BLOCK or H % 64 or I % 64:
+        if device.type != "cuda" or self.group_size != NVFP4_BLOCK or H % 64 or I % 64:
             return False
         from gemma4x.ops.nvfp4 import sm90_available
 
-        return sm90_available(x.device)
+        return sm90_available(device)
+
+    def w4a16_supported(self, x: torch.Tensor) -> bool:
+        """True when ``forward`` takes the SM90 W4A16 path for inputs like ``x``."""
+        return x.is_cuda and self._w4a16_applicable(x.device)
 
     def w4a16_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate_up [E, 2I/16, H/64, 576], down [E, H/16, I/64, 576])`` in the W4A16 layout, built once."""
-        w = self.gate_up_weight
-        key = (w.device, w.data_ptr(), w._version, self.down_weight.data_ptr(), self.down_weight._version)
-        if getattr(self, "_w4a16_key", None) != key:
-            from gemma4x.reference.nvfp4_w4a16 import w4a16_pack
-
-            gu = torch.stack([w4a16_pack(w[e], self.gate_up_weight_scale[e], interleave_gate_up=True)
-                              for e in range(self.num_experts)])  # per expert: bounded temporaries
-            dn = torch.stack([w4a16_pack(self.down_weight[e], self.down_weight_scale[e]) for e in range(self.num_experts)])
-            self._w4a16, self._w4a16_key = (gu, dn), key
-        return self._w4a16
+        """``(gate_up [E, 2I/16, H/64, 576], down [E, H/16, I/64, 576])`` in the W4A16 layout (gate/up
+        interleaved by 8), packing the layer on the first call (see :meth:`pack_w4a16_`)."""
+        gu, dn = self.w4a16_packed_pairs()
+        return gu, dn
 
     def w4a4_sm100_supported(self, x: torch.Tensor) -> bool:
         """True when ``forward`` may take the SM100 W4A4 grouped-GEMM path for inputs like ``x``."""
@@ -256,14 +263,14 @@ class NVFP4Experts(nn.Module):
 
     def w4a4_sm100_packed(self):
         """The experts in the SM100 grouped GEMM's layout (swizzled scales), built once; None if unusable."""
-        key = (self.gate_up_weight.device, self.gate_up_weight.data_ptr(), self.gate_up_weight._version)
+        key = self._w4a16_storage_key()
         if getattr(self, "_w4a4_key", None) != key:
             from gemma4x.ops.nvfp4_moe_sm100 import prepare_sm100_experts
 
+            (gu_w, gu_s), (dn_w, dn_s) = self.checkpoint_pair("w4a16_gate_up"), self.checkpoint_pair("w4a16_down")
             try:
                 packed = prepare_sm100_experts(
-                    self.gate_up_weight, self.gate_up_weight_scale, self.gate_up_weight_scale_2,
-                    self.down_weight, self.down_weight_scale, self.down_weight_scale_2,
+                    gu_w, gu_s, self.gate_up_weight_scale_2, dn_w, dn_s, self.down_weight_scale_2,
                     self.gate_up_input_scale, self.down_input_scale,
                 )  # fmt: skip
             except ValueError:  # split gate/up global scales or per-expert input scales: dequantize instead
@@ -297,4 +304,6 @@ class NVFP4Experts(nn.Module):
         return self._run(x, weights, idx, native=True)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, nvfp4"
+        packed = ", w4a16-packed" if self.w4a16_is_packed else ""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        return f"experts={E}, hidden={H}, intermediate={I}, nvfp4{packed}"

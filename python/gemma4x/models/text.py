@@ -19,6 +19,8 @@ LM head tied to the unscaled embedding table.
 NVFP4: the modules in ``cfg.nvfp4_modules`` (from a ModelOpt export's quantization config)
 are built as ``NVFP4Linear`` / ``NVFP4Experts``, whose parameters load the checkpoint's
 quantized tensors; ``quantize_`` converts a loaded BF16 model instead (quantize at load).
+On an SM90 GPU ``pack_nvfp4_`` (called by ``Gemma4Runtime``) keeps their weights only in the
+W4A16 kernels' layout (:mod:`gemma4x.layers.nvfp4_storage`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gemma4x.layers.linear import NVFP4Linear, make_linear
 from gemma4x.layers.mlp import GegluMLP
 from gemma4x.layers.moe import Experts, NVFP4Experts, Router
 from gemma4x.layers.norm import RMSNorm
+from gemma4x.layers.nvfp4_storage import W4A16Storage
 from gemma4x.layers.rotary import RotaryEmbedding
 from gemma4x.reference.quant import nvfp4_global_scale
 
@@ -226,6 +229,16 @@ class Gemma4TextModel(nn.Module):
         self.config = dataclasses.replace(
             self.config, nvfp4_modules=quant.modules, nvfp4_group_size=quant.group_size, nvfp4_input_scales=False
         )
+
+    def pack_nvfp4_(self) -> int:
+        """Hold each NVFP4 module's weights only in the W4A16 layout of the SM90 kernels.
+
+        Module by module (:meth:`W4A16Storage.pack_w4a16_`): each drops its checkpoint-layout
+        tensors once their packed copy exists, so at most one module holds both. Nothing happens
+        where the kernels do not run (CPU, other GPUs). Call it before capturing CUDA graphs.
+        Returns the bytes of checkpoint-layout tensors dropped.
+        """
+        return sum(m.pack_w4a16_() for m in self.modules() if isinstance(m, W4A16Storage))
 
     def fuse_projections_(self) -> int:
         """Let each layer compute q/k/v and the MLP's gate/up as one GEMM each on the GPU path.

@@ -131,6 +131,7 @@ class Gemma4Runtime:
         self._suppress = torch.tensor(self.suppress_tokens, device=device, dtype=torch.long)
         if device.type == "cuda":
             model.fuse_projections_()  # one GEMM for q/k/v and one for gate/up per layer
+            model.pack_nvfp4_()  # NVFP4 weights held once, in the SM90 kernels' layout (before graph capture)
         self.cache = KVCache(
             model.kv_cache_spec(), num_slots=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype
         )
