@@ -1,7 +1,9 @@
 """GPU memory of the 26B-A4B NVFP4 routed experts: before and after holding them once (W4A16-packed).
 
 One ``NVFP4Experts`` of real shape (E=128, H=2816, I=704; random weights quantized on the GPU
-by ``from_experts``). Measured with ``torch.cuda.memory_allocated``:
+by ``from_experts``). Measured with the bytes the live tensors requested
+(``torch.cuda.memory_stats()["requested_bytes.all.current"]``; ``memory_allocated`` beside it
+counts the caching allocator's blocks, up to 1 MiB more per large tensor):
 
 * checkpoint layout only (what the loader builds);
 * the old steady state: the checkpoint layout plus the W4A16 copy the old ``w4a16_packed()``
@@ -12,7 +14,8 @@ by ``from_experts``). Measured with ``torch.cuda.memory_allocated``:
 
 It then checks that decode (T=1, 4) and prefill (T=512) outputs are bit-identical between the
 old cache and the packed layer, and that ``state_dict()`` is bit-identical, and scales the
-per-layer bytes to the model's 30 MoE layers.
+per-layer bytes to the model's 30 MoE layers. The inputs and outputs of that check are live
+during packing; they are subtracted from the "after" figures.
 
     python bench/ops/bench_nvfp4_memory.py          (JSON to $OUT/bench_nvfp4_memory.json if OUT is set)
 """
@@ -38,8 +41,9 @@ MIB = 2**20
 
 
 def allocated() -> int:
+    """Bytes the live tensors requested (no allocator block rounding)."""
     torch.cuda.synchronize()
-    return torch.cuda.memory_allocated()
+    return torch.cuda.memory_stats()["requested_bytes.all.current"]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -81,21 +85,22 @@ def main() -> None:
         cases.append((T, torch.randn(T, H, generator=g, device=dev).bfloat16(), w, idx))
     s_gu, s_dn = q.gate_up_weight_scale_2, q.down_weight_scale_2
     want = [w4a16_moe_experts(x, idx, w, old_gu, s_gu, old_dn, s_dn) for _, x, w, idx in cases]
-    want_bytes = sum(t.numel() * t.element_size() for t in want)
     del old_gu, old_dn
-    m_base = allocated()  # the checkpoint layout (+ the small test inputs and outputs)
+    m_base = allocated()  # the checkpoint layout + the check's inputs and outputs
+    io = m_base - m_ckpt
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     freed = q.pack_w4a16_()
     torch.cuda.synchronize()
     pack_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - m_base
-    m_new = allocated()
+    peak = torch.cuda.memory_stats()["requested_bytes.all.peak"] - m_base
+    m_new = allocated() - io
+    torch_allocated_new = torch.cuda.memory_allocated()
     got = [q(x, w, idx) for _, x, w, idx in cases]
     identical = all(torch.equal(a, b) for a, b in zip(got, want))
     del got
-    m_after_fwd = allocated()
+    m_after_fwd = allocated() - io
     sd1 = q.state_dict()
     state_identical = list(sd1) == list(sd0) and all(same_bits(sd1[k].cpu(), sd0[k]) for k in sd0)
     del sd1
@@ -105,11 +110,12 @@ def main() -> None:
         "shape": {"E": E, "H": H, "I": I},
         "checkpoint_layout_bytes": ckpt,
         "w4a16_packed_bytes": packed_bytes,
-        "allocated_checkpoint_only_mib": m_ckpt / MIB,
-        "allocated_old_both_copies_mib": m_old / MIB,
-        "allocated_after_pack_mib": m_new / MIB,
-        "allocated_after_forwards_mib": m_after_fwd / MIB,
-        "extra_inputs_outputs_mib": want_bytes / MIB,
+        "requested_checkpoint_only_mib": m_ckpt / MIB,
+        "requested_old_both_copies_mib": m_old / MIB,
+        "requested_after_pack_mib": m_new / MIB,
+        "requested_after_forwards_mib": m_after_fwd / MIB,
+        "check_inputs_outputs_mib": io / MIB,
+        "memory_allocated_after_pack_mib_incl_io": torch_allocated_new / MIB,
         "freed_by_pack_bytes": freed,
         "pack_peak_above_checkpoint_mib": peak / MIB,
         "pack_seconds": pack_s,
@@ -120,10 +126,11 @@ def main() -> None:
     }
     print(f"26B-A4B routed experts, one layer (E={E}, H={H}, I={I}) on {res['device']}")
     print(f"  checkpoint layout {ckpt / MIB:.1f} MiB, W4A16 packed {packed_bytes / MIB:.1f} MiB")
-    print(f"  memory_allocated: checkpoint only {m_ckpt / MIB:.1f} MiB | old (both copies) {m_old / MIB:.1f} MiB"
+    print(f"  live tensors: checkpoint only {m_ckpt / MIB:.1f} MiB | old (both copies) {m_old / MIB:.1f} MiB"
           f" | after pack_w4a16_() {m_new / MIB:.1f} MiB | after forwards {m_after_fwd / MIB:.1f} MiB")
     print(f"  saving per layer {(m_old - m_new) / MIB:.1f} MiB; x{LAYERS} layers {res['model_saving_gib_30_layers']:.2f} GiB")
-    print(f"  pack: {pack_s * 1e3:.0f} ms, peak {peak / MIB:.1f} MiB above the checkpoint layout")
+    print(f"  pack: {pack_s * 1e3:.0f} ms, peak {peak / MIB:.1f} MiB above the checkpoint layout"
+          f" (inputs/outputs of the check, {io / MIB:.1f} MiB, subtracted above)")
     print(f"  outputs (T=1, 4, 512) bit-identical: {identical}; state_dict bit-identical: {state_identical}")
     out = os.environ.get("OUT")
     if out:
