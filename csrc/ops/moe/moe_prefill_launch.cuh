@@ -1,6 +1,7 @@
 // The MoE prefill launcher, shared by the arch files (moe_prefill_sm90.cu, moe_prefill_sm100.cu):
-// workspace layout, argument checks, the seven launches, and the CUTLASS ptr-array grouped GEMM
-// wrapper. Each arch file instantiates it with its own tile configurations (a Config names the
+// workspace layout, argument checks, the seven launches (the routing kernels' through
+// gemma4x/moe/prefill_launch.cuh, shared with the NVFP4 prefill), and the CUTLASS ptr-array grouped
+// GEMM wrapper. Each arch file instantiates it with its own tile configurations (a Config names the
 // arch tag, tile, cluster and schedules) and adds its device check.
 //
 // Both GEMMs are "TN" bf16 GEMMs with bf16 output and one group per expert:
@@ -26,8 +27,9 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "gemma4x/common/check.h"
+#include "gemma4x/common/device.h"
 #include "gemma4x/moe/prefill_geglu_epilogue.cuh"
-#include "gemma4x/moe/prefill_kernels.cuh"
+#include "gemma4x/moe/prefill_launch.cuh"
 #include "moe_prefill.h"
 
 namespace gemma4x::moe::prefill {
@@ -136,32 +138,6 @@ struct GroupedGemm {
   }
 };
 
-inline int device_sms() {
-  static thread_local int cached_dev = -1, cached_sms = 0;
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev != cached_dev) {
-    check_cuda(cudaDeviceGetAttribute(&cached_sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    cached_dev = dev;
-  }
-  return cached_sms;
-}
-
-constexpr size_t kAlign = 256;
-inline size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
-// Carves the workspace in a fixed order; with base == nullptr it only measures.
-struct Carver {
-  char* base;
-  size_t used = 0;
-  template <typename T>
-  T* take(size_t count) {
-    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
-    used += round_up(count * sizeof(T));
-    return p;
-  }
-};
-
 // CUTLASS workspace bytes of the widest of the GEMM types (void ones ignored).
 template <class... Gemms>
 size_t cutlass_workspace(int experts, int sms) {
@@ -177,11 +153,9 @@ template <class... Gemms>
 PrefillLayout carve(void* workspace, int64_t pairs, int experts, int64_t hidden, int64_t inter, bool fused_geglu,
                     size_t* bytes) {
   const int sms = device_sms();
-  Carver c{static_cast<char*>(workspace)};
+  WorkspaceCarver c{static_cast<char*>(workspace)};
   PrefillLayout w{};
-  w.offsets = c.take<int32_t>(experts + 1);
-  w.pos = c.take<int32_t>(pairs);
-  w.block_counts = c.take<int32_t>((pairs + kCountChunk - 1) / kCountChunk * experts);
+  carve_routing(c, w, pairs, experts);
   w.shapes1 = c.take<int32_t>(3 * experts);
   w.shapes2 = c.take<int32_t>(3 * experts);
   w.a1 = c.take<const void*>(experts);
@@ -228,14 +202,6 @@ inline void check_ptr(const char* name, const void* p, size_t align) {
                     reinterpret_cast<uintptr_t>(p));
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, unsigned grid, unsigned threads, cudaStream_t stream, const PrefillKernelParams& kp,
-            const char* what) {
-  kernel<<<grid, threads, 0, stream>>>(kp);
-  check_launch(what);
-}
-
-
 // Big / Small: the arch's two GroupedGemm instances; BigG / SmallG: the same tiles with the GeGLU
 // epilogue (void where the arch has none: interleaved gate_up then runs GEMM1 + the GeGLU kernel).
 template <class Big, class Small, class BigG = void, class SmallG = void>
@@ -273,7 +239,7 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   check_ptr("gate_up", p.gate_up, 16);
   check_ptr("down", p.down, 16);
   check_ptr("out", p.out, 16);
-  check_ptr("workspace", p.workspace, kAlign);
+  check_ptr("workspace", p.workspace, kPrefillWorkspaceAlign);
   GEMMA4X_CHECK_ARG(p.x_row_stride >= p.hidden && p.x_row_stride % 8 == 0, kOp, ": x row stride must be >= H = ",
                     p.hidden, " and a multiple of 8, got ", p.x_row_stride);
   GEMMA4X_CHECK_ARG(p.out_row_stride >= p.hidden && p.out_row_stride % 8 == 0, kOp,
@@ -283,24 +249,13 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   constexpr bool kHasGegluEpilogue = !std::is_void_v<BigG>;
   const bool fused_geglu = p.gate_up_interleaved != 0 && kHasGegluEpilogue;
   size_t need = 0;
-  PrefillKernelParams kp{};
-  kp.ws = carve<Big, Small, BigG, SmallG>(p.workspace, pairs, p.experts, p.hidden, p.inter, fused_geglu, &need);
+  const PrefillLayout ws =
+      carve<Big, Small, BigG, SmallG>(p.workspace, pairs, p.experts, p.hidden, p.inter, fused_geglu, &need);
   GEMMA4X_CHECK_ARG(p.workspace_bytes >= need, kOp, ": workspace has ", p.workspace_bytes, " bytes, the call needs ",
                     need);
-  kp.x = p.x;
-  kp.x_row_stride = p.x_row_stride;
-  kp.idx = p.idx;
-  kp.weights = p.weights;
+  PrefillKernelParams kp = prefill_kernel_params(p, ws);
   kp.gate_up = p.gate_up;
   kp.down = p.down;
-  kp.out = p.out;
-  kp.out_row_stride = p.out_row_stride;
-  kp.tokens = p.tokens;
-  kp.top_k = p.top_k;
-  kp.pairs = static_cast<int32_t>(pairs);
-  kp.experts = p.experts;
-  kp.hidden = p.hidden;
-  kp.inter = p.inter;
   kp.interleaved = p.gate_up_interleaved;
   kp.fused_geglu = fused_geglu ? 1 : 0;
 
@@ -309,13 +264,9 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
   const PrefillPrep prep = static_cast<PrefillPrep>(p.prep);
   if (prep == PrefillPrep::kFused || (prep == PrefillPrep::kAuto && pairs <= kFusedPrepAutoPairs)) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + kPrepWarps - 1) / kPrepWarps, 2 * sms));
-    launch(moe_prefill_prep_kernel, blocks, kPrepThreads, stream, kp, "moe_prefill_prep_kernel");
+    launch_prefill_kernel(moe_prefill_prep_kernel, blocks, kPrepThreads, stream, kp, "moe_prefill_prep_kernel");
   } else {
-    const unsigned count_blocks = static_cast<unsigned>((pairs + kCountChunk - 1) / kCountChunk);
-    launch(moe_prefill_count_kernel, count_blocks, kCountThreads, stream, kp, "moe_prefill_count_kernel");
-    launch(moe_prefill_scan_kernel, 1, kPrefillMaxExperts, stream, kp, "moe_prefill_scan_kernel");
-    launch(moe_prefill_gather_kernel, static_cast<unsigned>((pairs * 32 + kGatherThreads - 1) / kGatherThreads),
-           kGatherThreads, stream, kp, "moe_prefill_gather_kernel");
+    launch_count_scan_gather</*kGemmArgs=*/true>(kp, stream);
   }
 
   // Tiles per GEMM: see the arch file (moe_prefill_sm90.cu holds the H200 measurements).
@@ -352,7 +303,7 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
     const int64_t vecs = pairs * (p.inter / 8);
     const unsigned geglu_grid = static_cast<unsigned>(
         std::min<int64_t>((vecs + kGegluThreads - 1) / kGegluThreads, static_cast<int64_t>(sms) * 16));
-    launch(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
+    launch_prefill_kernel(moe_prefill_geglu_kernel, geglu_grid, kGegluThreads, stream, kp, "moe_prefill_geglu_kernel");
   }
   if (tile2 == PrefillTile::kCoop128x256) {
     Big::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms, w.cutlass_ws2,
@@ -361,8 +312,7 @@ void run_prefill(const MoePrefillParams& p, cudaStream_t stream, void (*check_de
     Small::run(w.shapes2, w.a2, w.stride_a2, w.b2, w.stride_b2, w.d2, w.stride_d2, p.experts, sms, w.cutlass_ws2,
                stream, gemm2);
   }
-  launch(moe_prefill_finalize_kernel, static_cast<unsigned>(p.tokens), kFinalizeThreads, stream, kp,
-         "moe_prefill_finalize_kernel");
+  launch_finalize(kp, stream);
 }
 
 }  // namespace gemma4x::moe::prefill

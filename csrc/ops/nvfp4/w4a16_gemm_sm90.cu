@@ -1,13 +1,14 @@
 // Launchers of the W4A16 prefill GEMM (w4a16_wgmma_sm90.cuh; compiled for sm_90a only): the
 // dense GEMM and the routed-expert prefill (count, scan, gather, GEMM1 + GeGLU, GEMM2, finalize;
-// the routing kernels are the bf16 prefill path's, moe/prefill_kernels.cuh).
+// the routing kernels and their launches are the bf16 prefill path's, moe/prefill_launch.cuh).
 #include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <string>
 
 #include "gemma4x/common/check.h"
-#include "gemma4x/moe/prefill_kernels.cuh"
+#include "gemma4x/common/device.h"
+#include "gemma4x/moe/prefill_launch.cuh"
 #include "gemma4x/nvfp4/w4a16_wgmma_sm90.cuh"
 #include "nvfp4.h"
 
@@ -69,17 +70,6 @@ CUtensorMap act_map(const char* op, const void* x, int64_t rows, int k, int64_t 
                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                op, "the activations");
   return map;
-}
-
-int device_sms() {
-  static thread_local int cached_dev = -1, cached_sms = 0;
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev != cached_dev) {
-    check_cuda(cudaDeviceGetAttribute(&cached_sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    cached_dev = dev;
-  }
-  return cached_sms;
 }
 
 void check_sm90(const char* op) {
@@ -151,66 +141,16 @@ void run_gemm(const GemmParams& p, const uint8_t* packed, const void* x, int64_t
 // ---- routed-expert prefill ---------------------------------------------------------------------
 
 constexpr const char* kMoeOp = "nvfp4_moe_experts_prefill";
-constexpr size_t kAlign = 256;
-size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
-struct MoeWorkspace {
-  int32_t* offsets;       // [E + 1]
-  int32_t* pos;           // [P]
-  int32_t* block_counts;  // [ceil(P / kCountChunk)][E]
-  void* xs;               // [P, H] gathered x, then GEMM2's output y
-  void* act;              // [P, I]
-};
-
-MoeWorkspace carve(void* base, int64_t pairs, int experts, int64_t hidden, int64_t inter, size_t* bytes) {
-  char* b = static_cast<char*>(base);
-  size_t used = 0;
-  auto take = [&](size_t n) {
-    void* ptr = b ? b + used : nullptr;
-    used += round_up(n);
-    return ptr;
-  };
-  MoeWorkspace w{};
-  w.offsets = static_cast<int32_t*>(take((experts + 1) * sizeof(int32_t)));
-  w.pos = static_cast<int32_t*>(take(pairs * sizeof(int32_t)));
-  w.block_counts = static_cast<int32_t*>(take((pairs + moe::kCountChunk - 1) / moe::kCountChunk * experts * 4));
-  w.xs = take(pairs * hidden * 2);
-  w.act = take(pairs * inter * 2);
-  *bytes = used;
+// The workspace: the routing pieces (moe/prefill_launch.cuh), then xs [P, H] (gathered x, then
+// GEMM2's output y) and act [P, I].
+moe::PrefillLayout carve(void* base, int64_t pairs, int experts, int64_t hidden, int64_t inter, size_t* bytes) {
+  moe::WorkspaceCarver c{static_cast<char*>(base)};
+  moe::PrefillLayout w{};
+  moe::carve_routing(c, w, pairs, experts);
+  w.xs = c.take<moe::bf16>(pairs * hidden);
+  w.act = c.take<moe::bf16>(pairs * inter);
+  *bytes = c.used;
   return w;
-}
-
-// One block: block_counts[b][e] becomes the rows of expert e in count blocks before b, and
-// offsets the exclusive prefix sum of the totals (the bf16 path's scan without its CUTLASS
-// argument arrays).
-__global__ void __launch_bounds__(moe::kPrefillMaxExperts) w4a16_moe_scan_kernel(const __grid_constant__ moe::PrefillKernelParams p) {
-  __shared__ int warp_sum[moe::kPrefillMaxExperts / 32];
-  const int e = threadIdx.x;
-  const int lane = e & 31, warp = e >> 5;
-  const int blocks = (p.pairs + moe::kCountChunk - 1) / moe::kCountChunk;
-  int total = 0;
-  if (e < p.experts) {
-    int* col = p.ws.block_counts + e;
-    for (int b = 0; b < blocks; ++b) {
-      const int c = col[b * p.experts];
-      col[b * p.experts] = total;
-      total += c;
-    }
-  }
-  int incl = total;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += n;
-  }
-  if (lane == 31) warp_sum[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_sum[w];
-  if (e < p.experts) {
-    p.ws.offsets[e] = before + incl - total;
-    if (e == p.experts - 1) p.ws.offsets[p.experts] = before + incl;
-  }
 }
 
 void check_moe_sizes(const W4A16MoePrefillParams& p) {
@@ -289,40 +229,14 @@ void w4a16_moe_prefill(const W4A16MoePrefillParams& p, cudaStream_t stream) {
   check_ptr(kMoeOp, "down", p.down, 16);
   check_ptr(kMoeOp, "down_scale_2", p.down_scale_2, 4);
   check_ptr(kMoeOp, "out", p.out, 16);
-  check_ptr(kMoeOp, "workspace", p.workspace, kAlign);
+  check_ptr(kMoeOp, "workspace", p.workspace, moe::kPrefillWorkspaceAlign);
   const int64_t pairs = static_cast<int64_t>(p.tokens) * p.top_k;
   size_t need = 0;
-  const MoeWorkspace w = carve(p.workspace, pairs, p.experts, p.hidden, p.inter, &need);
+  const moe::PrefillLayout w = carve(p.workspace, pairs, p.experts, p.hidden, p.inter, &need);
   GEMMA4X_CHECK_ARG(p.workspace_bytes >= need, kMoeOp, ": workspace has ", p.workspace_bytes, " bytes, the call needs ",
                     need);
-
-  moe::PrefillKernelParams kp{};
-  kp.ws.offsets = w.offsets;
-  kp.ws.pos = w.pos;
-  kp.ws.block_counts = w.block_counts;
-  kp.ws.xs = w.xs;
-  kp.ws.act = w.act;
-  kp.x = p.x;
-  kp.x_row_stride = p.x_row_stride;
-  kp.idx = p.idx;
-  kp.weights = p.weights;
-  kp.out = p.out;
-  kp.out_row_stride = p.out_row_stride;
-  kp.tokens = p.tokens;
-  kp.top_k = p.top_k;
-  kp.pairs = static_cast<int32_t>(pairs);
-  kp.experts = p.experts;
-  kp.hidden = p.hidden;
-  kp.inter = p.inter;
-
-  const unsigned count_blocks = static_cast<unsigned>((pairs + moe::kCountChunk - 1) / moe::kCountChunk);
-  moe::moe_prefill_count_kernel<<<count_blocks, moe::kCountThreads, 0, stream>>>(kp);
-  check_launch("moe_prefill_count_kernel");
-  w4a16_moe_scan_kernel<<<1, moe::kPrefillMaxExperts, 0, stream>>>(kp);
-  check_launch("w4a16_moe_scan_kernel");
-  moe::moe_prefill_gather_kernel<<<static_cast<unsigned>((pairs * 32 + moe::kGatherThreads - 1) / moe::kGatherThreads),
-                                   moe::kGatherThreads, 0, stream>>>(kp);
-  check_launch("moe_prefill_gather_kernel");
+  const moe::PrefillKernelParams kp = moe::prefill_kernel_params(p, w);
+  moe::launch_count_scan_gather</*kGemmArgs=*/false>(kp, stream);
 
   // Tile counts are on the device only; bound them from the host: sum_e ceil(n_e / BN) <=
   // P / BN + E token tiles. Auto: 128 x 256 once experts average >= 128 rows (half the
@@ -354,8 +268,7 @@ void w4a16_moe_prefill(const W4A16MoePrefillParams& p, cudaStream_t stream) {
     run_gemm<Cfg>(g1, p.gate_up, w.xs, pairs, p.hidden, max1, stream, kMoeOp, "w4a16_wgmma_kernel (GEMM1)");
     run_gemm<Cfg>(g2, p.down, w.act, pairs, p.inter, max2, stream, kMoeOp, "w4a16_wgmma_kernel (GEMM2)");
   });
-  moe::moe_prefill_finalize_kernel<<<static_cast<unsigned>(p.tokens), moe::kFinalizeThreads, 0, stream>>>(kp);
-  check_launch("moe_prefill_finalize_kernel");
+  moe::launch_finalize(kp, stream);
 }
 
 }  // namespace gemma4x::nvfp4

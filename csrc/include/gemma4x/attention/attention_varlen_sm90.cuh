@@ -35,6 +35,7 @@
 
 #include "gemma4x/attention/params.h"
 #include "gemma4x/attention/tile_class.h"
+#include "gemma4x/common/mma.cuh"
 
 namespace gemma4x::attention {
 
@@ -110,23 +111,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, u
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
-}
-
-template <bool kBf16>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -416,8 +400,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           ldmatrix_x4(sK_u + 2 * SmemTile<Cfg>::off(j2 * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                     chunk0 + ((lane >> 3) & 1), kBlockN),
                       b0, b1, b2, b3);
-          mma_16816<kBf16>(s[2 * j2], a, b0, b1);
-          mma_16816<kBf16>(s[2 * j2 + 1], a, b2, b3);
+          mma_m16n8k16<T>(s[2 * j2], a, b0, b1);
+          mma_m16n8k16<T>(s[2 * j2 + 1], a, b2, b3);
         }
       }
     }
@@ -533,8 +517,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           ldmatrix_x4_trans(sV_u + 2 * SmemTile<Cfg>::off(t * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), chunk,
                                                           kBlockN),
                             b0, b1, b2, b3);
-          mma_16816<kBf16>(acc_o[2 * j2], pa[t], b0, b1);
-          mma_16816<kBf16>(acc_o[2 * j2 + 1], pa[t], b2, b3);
+          mma_m16n8k16<T>(acc_o[2 * j2], pa[t], b0, b1);
+          mma_m16n8k16<T>(acc_o[2 * j2 + 1], pa[t], b2, b3);
         }
       }
     }

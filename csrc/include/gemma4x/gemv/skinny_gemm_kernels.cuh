@@ -15,8 +15,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
+#include "gemma4x/common/ldst.cuh"
+#include "gemma4x/common/mma.cuh"
 #include "gemma4x/common/vec.cuh"
 #include "gemma4x/gemv/params.h"
 
@@ -26,33 +27,6 @@ constexpr int kWarps = 8;
 constexpr int kRows = 16;    // weight rows per CTA (the mma's M)
 constexpr int kStepK = 32;   // columns per warp step: 4 lanes x 8 contiguous values
 constexpr int kDepth = 4;    // steps loaded ahead
-
-// Weights are read exactly once: keep them out of L1.
-__device__ __forceinline__ uint4 ld_weights(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 // NT token tiles of 8: M <= 8 * NT.
 template <typename T, int NT>
@@ -81,8 +55,8 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const __grid_c
     for (int d = 0; d < kDepth; ++d) {
       const int s = s0 + d * kWarps;
       if (s < steps) {
-        lo[d] = ld_weights(w_lo + s * kStepK);
-        hi[d] = ld_weights(w_hi + s * kStepK);
+        lo[d] = ld_stream16(w_lo + s * kStepK);
+        hi[d] = ld_stream16(w_hi + s * kStepK);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           xv[d][t] = has_token[t] ? __ldg(reinterpret_cast<const uint4*>(x_rows[t] + s * kStepK)) : make_uint4(0, 0, 0, 0);
@@ -96,8 +70,8 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const __grid_c
         for (int t = 0; t < NT; ++t) {
           // Columns q*8 + {0,1 | 2,3} are the k slots {2q,2q+1 | 2q+8,2q+9} of the first mma,
           // columns q*8 + {4,5 | 6,7} those of the second.
-          mma_16816<T>(acc[t], lo[d].x, hi[d].x, lo[d].y, hi[d].y, xv[d][t].x, xv[d][t].y);
-          mma_16816<T>(acc[t], lo[d].z, hi[d].z, lo[d].w, hi[d].w, xv[d][t].z, xv[d][t].w);
+          mma_m16n8k16<T>(acc[t], lo[d].x, hi[d].x, lo[d].y, hi[d].y, xv[d][t].x, xv[d][t].y);
+          mma_m16n8k16<T>(acc[t], lo[d].z, hi[d].z, lo[d].w, hi[d].w, xv[d][t].z, xv[d][t].w);
         }
       }
     }

@@ -1,9 +1,9 @@
 // The four small kernels around the prefill path's two grouped GEMMs (bf16):
 //
 //   count     per block of pairs: each pair's rank inside its expert, per-expert block counts.
-//   scan      one block: offsets (exclusive prefix sum) and every per-expert argument of the
-//             grouped GEMMs (problem shapes, operand pointers, strides), so nothing goes back to
-//             the host (graph-safe).
+//   scan      one block: offsets (exclusive prefix sum) and, for the CUTLASS grouped GEMMs, every
+//             per-expert argument (problem shapes, operand pointers, strides), so nothing goes
+//             back to the host (graph-safe).
 //   gather    xs[offsets[e] + rank] = x[t] for pair (t, j) with e = idx[t, j]; pos = that row.
 //   prep      count + scan + gather in one launch for up to kFusedPrepMaxPairs pairs.
 //   geglu     act = bf16(bf16(gelu_tanh(gate)) * up) over h1 = [gate | up] (GEMM1 output, bf16), or
@@ -75,14 +75,19 @@ static __global__ void __launch_bounds__(kCountThreads) moe_prefill_count_kernel
   for (int e = tid; e < p.experts; e += blockDim.x) p.ws.block_counts[blockIdx.x * p.experts + e] = count[e];
 }
 
+// Expert e has `rows` rows from `offset`: offsets[e], and offsets[E] from the last expert.
+__device__ __forceinline__ void write_offsets(const PrefillKernelParams& p, int e, int offset, int rows) {
+  p.ws.offsets[e] = offset;
+  if (e == p.experts - 1) p.ws.offsets[p.experts] = offset + rows;
+}
+
 // Every per-expert argument of the grouped GEMMs for expert e with `rows` rows from `offset`
 // (offsets, problem shapes, operand pointers, strides). GEMM1 writes h1 [P, 2I], or act [P, I]
 // directly when its epilogue computes the GeGLU (fused_geglu).
 __device__ __forceinline__ void write_expert_args(const PrefillKernelParams& p, int e, int offset, int rows) {
   const int64_t H = p.hidden, I = p.inter;
   const PrefillLayout& w = p.ws;
-  w.offsets[e] = offset;
-  if (e == p.experts - 1) w.offsets[p.experts] = offset + rows;
+  write_offsets(p, e, offset, rows);
   const int64_t row = offset;
   w.shapes1[3 * e + 0] = rows;
   w.shapes1[3 * e + 1] = static_cast<int>(2 * I);
@@ -104,9 +109,27 @@ __device__ __forceinline__ void write_expert_args(const PrefillKernelParams& p, 
   w.stride_d2[e] = H;
 }
 
+// Block-wide exclusive prefix sum of one int per thread (at most 256 threads): what the threads
+// before this one hold. warp_sum: the block's shared [blockDim.x / 32] scratch.
+__device__ __forceinline__ int block_exclusive_scan(int v, int lane, int warp, int* warp_sum) {
+  int incl = v;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += n;
+  }
+  if (lane == 31) warp_sum[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_sum[w];
+  return before + incl - v;
+}
+
 // Pass 2, one block: block_counts[b][e] becomes the rows of expert e in blocks before b; the
-// exclusive prefix sum over experts gives offsets; then every per-expert argument of the grouped
-// GEMMs (problem shapes, operand pointers, strides), so nothing goes back to the host.
+// exclusive prefix sum over experts gives offsets; then (kGemmArgs) every per-expert argument of
+// the CUTLASS grouped GEMMs (problem shapes, operand pointers, strides), so nothing goes back to
+// the host. Without kGemmArgs only offsets: the NVFP4 prefill GEMMs read nothing else.
+template <bool kGemmArgs>
 static __global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_kernel(const __grid_constant__ PrefillKernelParams p) {
   __shared__ int warp_sum[kPrefillMaxExperts / 32];
   const int e = threadIdx.x;
@@ -126,20 +149,11 @@ static __global__ void __launch_bounds__(kPrefillMaxExperts) moe_prefill_scan_ke
       }
     }
   }
-  // Block-wide exclusive scan of the totals (E <= 256 = blockDim.x).
-  int incl = total;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += n;
+  const int offset = block_exclusive_scan(total, lane, warp, warp_sum);  // E <= 256 = blockDim.x
+  if (e < p.experts) {
+    if constexpr (kGemmArgs) write_expert_args(p, e, offset, total);
+    else write_offsets(p, e, offset, total);
   }
-  if (lane == 31) warp_sum[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_sum[w];
-  const int offset = before + incl - total;
-
-  if (e < p.experts) write_expert_args(p, e, offset, total);
 }
 
 // One warp copies x[pair q's token] to xs[row] (16-byte vectors, four loads in flight per lane).
@@ -216,17 +230,7 @@ static __global__ void __launch_bounds__(kPrepThreads) moe_prefill_prep_kernel(c
       total += c;
     }
   }
-  int incl = total;  // block-wide exclusive scan of the totals (E <= 256 = kPrepThreads)
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += n;
-  }
-  if (lane == 31) warp_sum[warp] = incl;
-  __syncthreads();
-  int before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_sum[w];
-  const int offset = before + incl - total;
+  const int offset = block_exclusive_scan(total, lane, warp, warp_sum);  // E <= 256 = kPrepThreads
   if (tid < E) {
 #pragma unroll
     for (int w = 0; w < kPrepWarps; ++w) cursor[w][tid] += offset;

@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "gemma4x/common/ldst.cuh"
+#include "gemma4x/common/mma.cuh"
 #include "gemma4x/common/pdl.cuh"
 #include "gemma4x/nvfp4/params.h"
 
@@ -39,25 +41,12 @@ constexpr int kScaleExp = 118;  // block scales enter bf16 as s * 2^118 (448 * 2
 constexpr float kAccScale = 256.f;  // 2^(126 - 118): what the accumulator still owes
 
 
-// Weights are read exactly once: keep them out of L1.
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t ld_stream_u16(const void* p) {
-  uint16_t r;
-  asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(r) : "l"(p));
-  return r;
-}
-
-// Activations are re-read by the 8 lanes sharing a column and by every row block: through L1.
-__device__ __forceinline__ uint4 ld_cached16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// Weights are read exactly once (ld_stream16 / ld_stream_u16: kept out of L1); activations are
+// re-read by the 8 lanes sharing a column and by every row block (ld_cached16: through L1).
+using gemma4x::ld_cached16;
+using gemma4x::ld_stream16;
+using gemma4x::ld_stream_u16;
+using gemma4x::prefetch_l2;
 
 __device__ __forceinline__ uint32_t e2m1x2_bits(uint32_t q, int p) {
   const uint32_t t = q << (4 * p);
@@ -80,14 +69,7 @@ __device__ __forceinline__ void scale_pair(uint32_t s2, uint32_t& sg, uint32_t& 
   sg8 = *reinterpret_cast<const uint32_t*>(&b);
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+using gemma4x::mma_bf16;  // c += A (16 x 16 bf16) * B (16 x 8 bf16), fp32
 
 // One 16 x 64 unit against NT tiles of 8 columns. q: the lane's 16 code bytes (row g word 0/1,
 // row g+8 word 0/1), sc: its two scales, xv: its 16 activations of each tile's column.
