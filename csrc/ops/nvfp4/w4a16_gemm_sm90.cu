@@ -11,6 +11,7 @@
 #include "gemma4x/moe/prefill_launch.cuh"
 #include "gemma4x/nvfp4/w4a16_wgmma_sm90.cuh"
 #include "nvfp4.h"
+#include "sm90_checks.h"
 
 namespace gemma4x::nvfp4 {
 namespace {
@@ -70,22 +71,6 @@ CUtensorMap act_map(const char* op, const void* x, int64_t rows, int k, int64_t 
                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
                op, "the activations");
   return map;
-}
-
-void check_sm90(const char* op) {
-  int dev = 0, major = 0, minor = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  if (major != 9 || minor != 0) {
-    throw std::runtime_error(std::string(op) + ": compiled for sm_90a, needs a compute capability 9.0 GPU, got " +
-                             std::to_string(major) + "." + std::to_string(minor));
-  }
-}
-
-void check_ptr(const char* op, const char* name, const void* ptr, size_t align) {
-  GEMMA4X_CHECK_ARG(ptr != nullptr, op, ": ", name, " is a null pointer");
-  GEMMA4X_CHECK_ARG(is_aligned(ptr, align), op, ": ", name, " must be ", align, "-byte aligned");
 }
 
 // Persistent grid: one CTA per SM (fewer when the tiles are known to be fewer).

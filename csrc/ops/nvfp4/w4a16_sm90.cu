@@ -2,31 +2,15 @@
 #include <algorithm>
 
 #include "gemma4x/common/check.h"
+#include "gemma4x/common/device.h"
 #include "gemma4x/nvfp4/w4a16_kernels.cuh"
 #include "nvfp4.h"
+#include "sm90_checks.h"
 
 namespace gemma4x::nvfp4 {
 namespace {
 
 constexpr int kGemvMaxTokens = 64;
-
-int device_sms() {
-  int dev = 0, sms = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return sms;
-}
-
-void check_sm90(const char* op) {
-  int dev = 0, major = 0, minor = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  if (major != 9 || minor != 0) {
-    throw std::runtime_error(std::string(op) + ": compiled for sm_90a, needs a compute capability 9.0 GPU, got " +
-                             std::to_string(major) + "." + std::to_string(minor));
-  }
-}
 
 // Blocks per row block (a cluster splitting K): enough blocks for ~4 per SM (16 warps streaming),
 // while every warp keeps at least 2 units.
@@ -69,10 +53,6 @@ void launch_moe(Kernel kernel, unsigned grid, unsigned threads, bool pdl, cudaSt
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), name);
 }
 
-void check_ptr(const char* op, const char* name, const void* ptr, size_t align) {
-  GEMMA4X_CHECK_ARG(ptr != nullptr, op, ": ", name, " is a null pointer");
-  GEMMA4X_CHECK_ARG(is_aligned(ptr, align), op, ": ", name, " must be ", align, "-byte aligned");
-}
 
 }  // namespace
 

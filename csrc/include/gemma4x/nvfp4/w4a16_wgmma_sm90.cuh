@@ -273,11 +273,6 @@ __device__ __forceinline__ TileCoord tile_coord(const GemmParams& p, const int* 
   return c;
 }
 
-// The per-k16-step pipeline of the 128x256 tile (six wgmma groups in flight instead of one
-// stage's group): compiled without ptxas serialisation warnings, not yet run on a GPU (the
-// session's device time ran out), so it stays off.
-constexpr bool kFinePipeline = false;
-
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a16_wgmma_kernel(const __grid_constant__ GemmParams p, const __grid_constant__ CUtensorMap tm_w,
@@ -420,9 +415,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_acc<kNB * 16>(acc[1 % kMH]);
         __syncwarp();
         if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
-      } else if constexpr (kNB == 1 || !kFinePipeline) {
-        // Stage-level double buffering (the fine-grained pipeline below makes ptxas serialise
-        // the wgmma of the 128x128 instance: C7513).
+      } else {
+        // Stage-level double buffering. (A per-k16-step pipeline with six wgmma groups in flight
+        // measured slower on H200 at 4096 tokens, 1303.8 against 1240.6 us; bench/RESULTS.md.)
         for (; kb + 1 < k_stages; kb += 2) {
           group(fa[0], kb, H0{});
           group(fa[1], kb + 1, H0{});
@@ -432,59 +427,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_acc<kNB * 16>(acc[0]);
         __syncwarp();
         if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
-      } else {
-        // One wgmma group per k16 step, up to kInFlight groups in flight: the 8 fragment slots
-        // fa[P][j] (step j of a stage of parity P) are rewritten 8 steps after their last use,
-        // so the dequantisation of a step overlaps the MMAs of the six before it. Stage kb - 2
-        // is complete at step 1 of stage kb and goes back to the producer there.
-        constexpr int kInFlight = 6;
-        auto stage = [&](int kb, auto parity) {
-          constexpr int P = decltype(parity)::value;
-          const int s = it % kStages;
-          const uint32_t st = smem_base + s * Cfg::kStageBytes;
-          mbarrier_wait_parity(&full[s], (it / kStages) & 1);
-          const uint2 sc = lds8(st + scale_off[0]);
-          uint32_t s_lo[4], s_hi[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint32_t s2 = scales_bf16x2(((j < 2 ? sc.x : sc.y) >> (16 * (j & 1))) & 0xFFFFu);
-            s_lo[j] = __byte_perm(s2, 0, 0x1010);
-            s_hi[j] = __byte_perm(s2, 0, 0x3232);
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint4 q = lds16(st + code_off[0][j]);
-            uint32_t(&f)[4] = fa[P][j];
-            f[0] = bf16x2_mul(e2m1_pair(q.x, shift), s_lo[j]);
-            f[1] = bf16x2_mul(e2m1_pair(q.z, shift), s_hi[j]);
-            f[2] = bf16x2_mul(e2m1_pair(q.y, shift), s_lo[j]);
-            f[3] = bf16x2_mul(e2m1_pair(q.w, shift), s_hi[j]);
-            fence_acc<kNB * 16>(acc[0]);
-            wgmma_fence();
-            wgmma_rs_m64n128(acc[0], f, desc_sw128(st + 32 * j));
-            if constexpr (kNB == 2) wgmma_rs_m64n128(acc[0] + 16, f, desc_sw128(st + 16384 + 32 * j));
-            wgmma_commit();
-            fence_acc<kNB * 16>(acc[0]);
-            wgmma_wait<kInFlight>();
-            if (j == 1 && kb >= 2) {
-              __syncwarp();
-              if (lane == 0) mbarrier_arrive(&empty[(it + kStages - 2) % kStages]);
-            }
-          }
-          ++it;
-        };
-        for (; kb + 1 < k_stages; kb += 2) {
-          stage(kb, H0{});
-          stage(kb + 1, H1{});
-        }
-        if (kb < k_stages) stage(kb, H0{});
-        wgmma_wait<0>();
-        fence_acc<kNB * 16>(acc[0]);
-        __syncwarp();
-        if (lane == 0) {
-          if (k_stages >= 2) mbarrier_arrive(&empty[(it + kStages - 2) % kStages]);
-          mbarrier_arrive(&empty[(it + kStages - 1) % kStages]);
-        }
       }
 
       // Epilogue.
