@@ -226,25 +226,25 @@ def test_opcheck(gen):
 @pytest.mark.parametrize("d,nH,nKV,window", [(256, 8, 4, 127), (512, 8, 1, None)])
 def test_layer_prefill_routing(d, nH, nKV, window, gen):
     """The text model's attention op: prefill goes to the kernel, the result matches SDPA's contract."""
-    from gemma4x.layers.attention_prefill import prefill_attention
-    from gemma4x.reference.attention import attention_sdpa
+    from gemma4x.layers.attention_prefill import prefill_self_attention
+    from gemma4x.reference.attention import attention_sdpa, self_attention_sdpa
 
     calls = []
 
     def fallback(*a, **kw):
         calls.append(1)
-        return attention_sdpa(*a, **kw)
+        return self_attention_sdpa(*a, **kw)
 
-    fn = prefill_attention(fallback)
+    fn = prefill_self_attention(fallback)
     T = 333
     q = torch.randn(1, T, nH, d, generator=gen, device="cuda").to(torch.bfloat16) * 0.3
     K = torch.randn(1, T, nKV, d, generator=gen, device="cuda").to(torch.bfloat16) * 0.3
     V = torch.randn(1, T, nKV, d, generator=gen, device="cuda").to(torch.bfloat16)
     pos = torch.arange(T, device="cuda")[None]
-    out = fn(q, K, V, pos, pos, window_left=window, window_right=0, scale=1.0)
+    out = fn(q, K, V, pos, window_left=window, window_right=0, scale=1.0)
     assert not calls
     ref = attention_sdpa(q.float(), K.float(), V.float(), pos, pos, window_left=window, window_right=0)
     base = attention_sdpa(q, K, V, pos, pos, window_left=window, window_right=0)
     assert _rel(out, ref) <= 2 * _rel(base, ref) + 1e-6
-    fn(q[:, -1:], K, V, pos[:, -1:], pos, window_left=window, window_right=0, scale=1.0)  # decode-like
+    fn(q[:, :1], K[:, :1], V[:, :1], pos[:, :1], window_left=window, window_right=0, scale=1.0)  # one token
     assert calls == [1]

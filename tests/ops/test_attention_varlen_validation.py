@@ -122,14 +122,56 @@ def test_sdpa_fallback_matches_reference(unified, window_left, window_right):
 
 
 def test_prefill_routing_leaves_cpu_alone():
-    from gemma4x.layers.attention_prefill import prefill_attention, with_prefill_kernel
+    from gemma4x.layers.attention_prefill import prefill_self_attention, with_prefill_kernel
     from gemma4x.layers.dispatch import REFERENCE
 
     seen = []
-    fn = prefill_attention(lambda *a, **kw: seen.append(kw) or "fallback")
+    fn = prefill_self_attention(lambda *a, **kw: seen.append(kw) or "fallback")
     q = torch.randn(1, 5, 4, 256).to(torch.bfloat16)
     pos = torch.arange(5)[None]
-    assert fn(q, q[:, :, :2], q[:, :, :2], pos, pos, window_left=3, window_right=0, scale=1.0) == "fallback"
+    assert fn(q, q[:, :, :2], q[:, :, :2], pos, window_left=3, window_right=0, scale=1.0) == "fallback"
     assert seen == [dict(window_left=3, window_right=0, scale=1.0)]
     ns = with_prefill_kernel(REFERENCE)
-    assert ns.attention.__wrapped__ is REFERENCE.attention and ns.rms_norm is REFERENCE.rms_norm
+    assert ns.self_attention.__wrapped__ is REFERENCE.self_attention
+    assert ns.attention is REFERENCE.attention and ns.rms_norm is REFERENCE.rms_norm
+
+
+def test_self_keys_route_to_self_attention(monkeypatch):
+    """The prompt's own keys (NoCache, the cache's prefill view) come back as SelfKV and go to
+    ``self_attention``; keys with an older prefix are a plain tuple and go to ``attention``."""
+    from types import SimpleNamespace
+
+    from gemma4x.layers import attention as attn_layer
+    from gemma4x.layers.attention import NoCache, SelfKV
+    from gemma4x.layers.dispatch import REFERENCE
+    from gemma4x.reference.attention import attention_sdpa
+
+    k = torch.randn(1, 4, 2, 8)
+    pos = torch.arange(4)[None]
+    keys = NoCache().update(0, k, k, pos)
+    assert isinstance(keys, SelfKV) and keys.k is k and keys.positions is pos
+    calls = []
+    ns = SimpleNamespace(**{
+        **vars(REFERENCE),
+        "self_attention": lambda *a, **kw: calls.append("self") or REFERENCE.self_attention(*a, **kw),
+        "attention": lambda *a, **kw: calls.append("cross") or attention_sdpa(*a, **kw),
+    })  # fmt: skip
+    monkeypatch.setattr(attn_layer, "ops_for", lambda x, native=False: ns)
+    import gemma4_tiny as gt
+    from gemma4x.config import parse_text_config
+
+    cfg = parse_text_config(gt.DENSE)
+    layer = attn_layer.Attention(cfg, 0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(1, 4, cfg.hidden_size)
+    cos, sin = torch.ones(1, 4, layer.head_dim), torch.zeros(1, 4, layer.head_dim)
+    out_self, kv = layer.forward_native(x, cos, sin, pos, NoCache(), None)
+    assert calls == ["self"] and isinstance(kv, SelfKV)
+
+    class PrefixStore:  # older keys in front of the prompt: a plain (K, V, k_pos)
+        def update(self, layer_id, k, v, positions):
+            return (torch.cat([k, k], 1), torch.cat([v, v], 1), torch.cat([positions - 4, positions], 1))
+
+    layer.forward_native(x, cos, sin, pos + 4, PrefixStore(), None)
+    assert calls == ["self", "cross"]

@@ -194,9 +194,19 @@ def decode_kernel(request, monkeypatch):
     return request.param
 
 
-def _assert_ran(kernel):
-    # The stream kernel needs cooperative launch and <= 32 output rows per SM: true on H100/H200.
-    assert moe_ops.LAST_DECODE_KERNEL == kernel
+def run_recording_decode_kernel(fn) -> tuple[torch.Tensor, str | None]:
+    """``fn()`` under the profiler, and which decode kernels it launched: "stream", "split" or None."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    stream = any("moe_decode_stream_kernel" in n for n in names)
+    split = any("moe_decode_gate_up_kernel" in n for n in names)
+    assert not (stream and split), names
+    return out, "stream" if stream else "split" if split else None
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 64, 200])
@@ -207,10 +217,9 @@ def test_experts_real_shape(T, skew, real_weights, gen, decode_kernel):
     w, idx = _routing(T, REAL["E"], REAL["k"], gen, skew)
     assert moe_ops.decode_supported(x, idx, gate_up, down) == (T * REAL["k"] <= 64)
     _poison_allocator(T * REAL["H"], torch.bfloat16)
-    moe_ops.LAST_DECODE_KERNEL = None
-    out = ops.moe_experts(x, idx, w, gate_up, down)
-    if T * REAL["k"] <= 64:
-        _assert_ran(decode_kernel)
+    out, ran = run_recording_decode_kernel(lambda: ops.moe_experts(x, idx, w, gate_up, down))
+    # The stream kernel needs cooperative launch and <= 32 output rows per SM: true on H100/H200.
+    assert ran == (decode_kernel if T * REAL["k"] <= 64 else None)
     assert_experts_accurate(out, x, idx, w, gate_up, down)
     assert torch.equal(out, ops.moe_experts(x, idx, w, gate_up, down))
 
@@ -225,8 +234,8 @@ def test_experts_decode_shapes(dtype, T, E, H, I, k, gen, decode_kernel):
     w, idx = _routing(T, E, k, gen)
     assert moe_ops.decode_supported(x, idx, gate_up, down)
     _poison_allocator(T * H, dtype)
-    out = torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down)
-    _assert_ran(decode_kernel)
+    out, ran = run_recording_decode_kernel(lambda: torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down))
+    assert ran == decode_kernel  # the stream kernel needs cooperative launch: true on H100/H200
     assert_experts_accurate(out, x, idx, w, gate_up, down)
 
 
@@ -237,8 +246,8 @@ def test_experts_all_tokens_one_expert_and_repeated_slots(gen, decode_kernel):
     idx = torch.full((T, k), 9, dtype=torch.int64, device="cuda")  # 64 pairs, one expert
     idx[:, 1] = 2
     w = torch.rand(T, k, generator=gen, device="cuda")
-    out = torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down)
-    _assert_ran(decode_kernel)
+    out, ran = run_recording_decode_kernel(lambda: torch.ops.gemma4x.moe_experts_decode(x, idx, w, gate_up, down))
+    assert ran == decode_kernel  # the stream kernel needs cooperative launch: true on H100/H200
     assert_experts_accurate(out, x, idx, w, gate_up, down)
 
 

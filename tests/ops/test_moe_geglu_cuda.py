@@ -228,8 +228,12 @@ def test_decode_reads_the_interleaved_layout(T, variant, real_weights, gen, monk
     monkeypatch.setattr(moe_ops, "DECODE_KERNEL", "split")
     want = ops.moe_experts(x, idx, w, gate_up, down)
     monkeypatch.setattr(moe_ops, "DECODE_KERNEL", variant)
-    out = ops.moe_experts(x, idx, w, gate_up_il, down, gate_up_interleaved=True)
-    assert moe_ops.LAST_DECODE_KERNEL == "split"  # the stream kernel reads the HF layout only
+    from test_moe_cuda import run_recording_decode_kernel
+
+    out, ran = run_recording_decode_kernel(
+        lambda: ops.moe_experts(x, idx, w, gate_up_il, down, gate_up_interleaved=True)
+    )
+    assert ran == "split"  # the stream kernel reads the HF layout only
     assert torch.equal(out, want)
     assert_experts_accurate(out, x, idx, w, gate_up, down)
 

@@ -10,15 +10,18 @@
     o = softmax_fp32(q K^T * 1.0 + mask) V  ->  @ Wo^T      # mask from positions and window
 
 The cache is behind ``KVStore``: the model never knows whether keys come from a ring
-buffer, a dense slab or the current tokens only. ``keys`` is either a plain ``(K, V, k_pos)``
-(prefill, no cache: ``ops.attention``) or a :class:`CachedKV`, a decode step's handle on the
-cache itself, which ``ops.attention_decode`` reads in place up to each sequence's length.
+buffer, a dense slab or the current tokens only. ``keys`` is one of
+- :class:`SelfKV`: the tokens attend over themselves (a prompt with nothing older, or no cache):
+  ``ops.self_attention``, which the CUDA namespace sends to the prefill kernel;
+- a plain ``(K, V, k_pos)`` (keys beyond the queries' own): ``ops.attention``;
+- :class:`CachedKV`, a decode step's handle on the cache itself, which ``ops.attention_decode``
+  reads in place up to each sequence's length.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -52,8 +55,17 @@ class CachedKV:
         return dense_kv(self.k, self.v, positions, self.slots, self.ring_pos, self.kv_len)
 
 
-# What a layer attends over: K [B, Tk, nKV, d], V, k_pos [B, Tk]; or a decode step's cache handle.
-KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | CachedKV
+class SelfKV(NamedTuple):
+    """Keys that are the queries' own tokens, row for row, at the same (consecutive) positions."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+
+
+# What a layer attends over: its own tokens; K [B, Tk, nKV, d], V, k_pos [B, Tk]; or a decode
+# step's cache handle.
+KV = SelfKV | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | CachedKV
 
 
 class KVStore(Protocol):
@@ -66,7 +78,7 @@ class NoCache:
     """A full-sequence forward without a cache: tokens attend over themselves only."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> KV:
-        return k, v, positions
+        return SelfKV(k, v, positions)
 
 
 class Attention(nn.Module):
@@ -154,6 +166,10 @@ class Attention(nn.Module):
                 q, keys.k, keys.v, positions, keys.slots, keys.ring_pos,
                 window_left=self.window_left, scale=1.0, max_kv_len=keys.kv_len,
             )  # fmt: skip
+        elif isinstance(keys, SelfKV):
+            o = ops.self_attention(
+                q, keys.k, keys.v, positions, window_left=self.window_left, window_right=self.window_right, scale=1.0
+            )
         else:
             K, V, k_pos = keys
             o = ops.attention(

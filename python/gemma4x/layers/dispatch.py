@@ -33,6 +33,7 @@ REFERENCE = SimpleNamespace(
     apply_rope=_rope.apply_rope,
     qkv_norm_rope=_rope.qkv_norm_rope,
     attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
+    self_attention=_attn.self_attention_sdpa,
     attention_decode=_attn_decode.attention_decode_sdpa,  # decode over the cache: the same SDPA
     gelu_tanh=_act.gelu_tanh,
     moe_router=_moe.moe_router,
@@ -50,9 +51,11 @@ def _cuda_namespace() -> SimpleNamespace:
         moe_tail_norm=ops.moe_tail_norm,
         apply_rope=_rope.apply_rope,
         qkv_norm_rope=ops.qkv_norm_rope_or_reference,  # q/k/v norms + RoPE in one launch
-        # Prompt prefill goes to the sm_90a varlen kernel (with_prefill_kernel, in ops_for); any
-        # other multi-token attention, and other GPUs, run SDPA with an explicit mask.
+        # Prompt prefill (tokens over themselves) goes to the sm_90a varlen kernel
+        # (with_prefill_kernel, in ops_for); any other attention, and other GPUs, run SDPA with an
+        # explicit mask.
         attention=_attn.attention_sdpa_single_query,
+        self_attention=_attn.self_attention_sdpa,
         attention_decode=ops.attention_decode_or_sdpa,  # decode steps: in-place kernel over the cache
         gelu_tanh=_act.gelu_tanh,
         moe_router=ops.moe_router,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4x.config import QuantConfig, TextConfig
-from gemma4x.layers.attention import KV, Attention, KVStore, LayerCacheSpec, NoCache
+from gemma4x.layers.attention import KV, Attention, KVStore, LayerCacheSpec, NoCache, SelfKV
 from gemma4x.layers.dispatch import ops_for
 from gemma4x.layers.embedding import ScaledEmbedding, per_layer_inputs
 from gemma4x.layers.linear import NVFP4Linear, make_linear
@@ -293,6 +293,8 @@ class Gemma4TextModel(nn.Module):
                 # From here on no layer writes KV, so only the last position matters (HF does
                 # the same in generate: _maybe_slice_kv_shared_inputs; numerically neutral).
                 h, positions = h[:, -1:], positions[:, -1:]
+                # The stored keys stay the whole prompt's: no longer the queries' own tokens.
+                shared = {t: tuple(keys) if isinstance(keys, SelfKV) else keys for t, keys in shared.items()}
                 pli = pli[:, -1:] if pli is not None else None
                 rope = {k: (c[:, -1:], s[:, -1:]) for k, (c, s) in rope.items()}
             t = cfg.layer_types[i]

@@ -62,7 +62,6 @@ _DECODE_DTYPES = (torch.bfloat16, torch.float16)
 # cannot run it). Tests and benchmarks set it to compare the two.
 DECODE_KERNEL = "auto"
 _DECODE_KERNEL_CODES = {"auto": 0, "split": 1, "stream": 2}
-LAST_DECODE_KERNEL = None  # "split" or "stream": what the last eager decode call ran (for tests)
 PREFILL_MAX_EXPERTS = 256
 PREFILL_MAX_TOP_K = 32
 # Grouped-GEMM tile of the prefill path (PrefillTile in csrc/include/gemma4x/moe/prefill_params.h):
@@ -233,15 +232,13 @@ def _moe_experts_decode_op(
     act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     rows, stride = _aligned_rows(x, "x", "moe_experts_decode", 8)
     idx, weights = idx.contiguous(), weights.contiguous()
-    global LAST_DECODE_KERNEL
     kernel = _DECODE_KERNEL_CODES[DECODE_KERNEL]
     with on_device(x) as stream:
-        ran = extension().moe.moe_experts_decode(
+        extension().moe.moe_experts_decode(
             out.data_ptr(), H, rows.data_ptr(), stride, idx.data_ptr(), weights.data_ptr(),
             gate_up_proj.data_ptr(), down_proj.data_ptr(), act.data_ptr(),
             T, k, E, H, I, DTYPE_CODES[x.dtype], stream, kernel, gate_up_interleaved,
         )  # fmt: skip
-    LAST_DECODE_KERNEL = {1: "split", 2: "stream"}.get(ran)
     return out
 
 

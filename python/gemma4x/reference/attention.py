@@ -145,6 +145,21 @@ def attention_sdpa(
     return out.transpose(1, 2)
 
 
+def self_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    window_left: int | None = None,
+    window_right: int | None = 0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`attention_sdpa` of tokens over themselves: ``k, v`` are the rows of ``q``'s own
+    tokens, at the same ``positions``."""
+    return attention_sdpa(q, k, v, positions, positions, window_left=window_left, window_right=window_right, scale=scale)
+
+
 def attention_sdpa_single_query(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gemma4x.layers.attention import KV, CachedKV, LayerCacheSpec
+from gemma4x.layers.attention import KV, CachedKV, LayerCacheSpec, SelfKV
 
 
 class KVCache:
@@ -97,7 +97,7 @@ class _PrefillView:
             kc[self.slot, rows] = k[0, T - keep :]
             vc[self.slot, rows] = v[0, T - keep :]
             rp[self.slot, rows] = pos
-        return k, v, positions
+        return SelfKV(k, v, positions)
 
 
 class _DecodeView:
