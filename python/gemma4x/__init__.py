@@ -9,7 +9,7 @@ from gemma4x import ops, reference  # noqa: E402,F401
 
 def __getattr__(name: str):
     # The runtime pulls in the model stack; import it only when asked for.
-    if name in ("Gemma4Runtime", "GenerationResult"):
+    if name in ("ChatResult", "Gemma4Runtime", "GenerationResult"):
         from gemma4x import runtime
 
         return getattr(runtime, name)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -464,19 +464,27 @@ _TOKENIZER_CORPUS = (
     "Sliding window attention looks at recent tokens while full attention sees them all. "
 )
 TINY_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 as in Gemma
+# Gemma 4's chat control tokens (spec 8.1), for tiny tokenizers that render chat templates.
+CHAT_SPECIAL_TOKENS = (
+    "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|tool>", "<tool|>", "<|tool_call>",
+    "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
+)  # fmt: skip
 
 
-def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
+def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int, extra_special_tokens: Sequence[str] = ()) -> Path:
     """Train and write a byte-level BPE ``tokenizer.json`` of at most ``vocab_size`` ids.
 
-    Special tokens take ids 0-3 (``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``) and a template
-    post-processor prepends ``<bos>`` as Gemma's does. Any text encodes (byte-level), so
-    ``vocab_size`` must be at least 4 + 256. Needs the ``tokenizers`` package.
+    Special tokens take ids 0-3 (``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``), then
+    ``extra_special_tokens`` (e.g. Gemma 4's chat control tokens, :data:`CHAT_SPECIAL_TOKENS`),
+    and a template post-processor prepends ``<bos>`` as Gemma's does. Any text encodes
+    (byte-level), so ``vocab_size`` must be at least the specials + 256. Needs the ``tokenizers``
+    package.
     """
     from gemma4x.tokenizer import require_tokenizers
 
     tk = require_tokenizers()
-    min_vocab = len(TINY_SPECIAL_TOKENS) + 256
+    specials = [*TINY_SPECIAL_TOKENS, *extra_special_tokens]
+    min_vocab = len(specials) + 256
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer (need >= {min_vocab})")
     tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
@@ -484,7 +492,7 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

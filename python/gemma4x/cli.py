@@ -2,6 +2,7 @@
 
     gemma4x generate --model DIR --prompt "Hello" --max-new-tokens 32
     gemma4x generate --model DIR --token-ids 2,651,1234 --temperature 0.8 --top-p 0.95 --seed 1
+    gemma4x chat --model DIR --message "Hi" [--system "Be brief."] [--enable-thinking]
     gemma4x demo                       # tiny random MoE checkpoint, written, loaded, run
 
 Throughput is measured, not estimated: after one untimed warm-up, a 1-token generate times
@@ -10,7 +11,9 @@ runtime synchronises the device on every step, so wall-clock times are exact).
 
 ``generate`` prints the continuation (text for --prompt, ids for --token-ids) on stdout and
 the load time and throughput on stderr, so its output pipes cleanly. --prompt encodes the
-raw text with a leading BOS; no chat template is applied.
+raw text with a leading BOS; no chat template is applied. ``chat`` renders one user message
+(and an optional system message) with the checkpoint's chat template, prints the answer on stdout
+and, with --enable-thinking, the model's thinking on stderr.
 
 User errors (a missing directory, a bad checkpoint, an id outside the vocabulary, no
 tokenizer for a text prompt, no GPU) print one line on stderr and exit with status 2.
@@ -190,6 +193,49 @@ def _cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# chat
+
+
+def _cmd_chat(args) -> int:
+    from gemma4x.chat import ChatTemplateError, load_chat_template, render_chat
+    from gemma4x.config import load_config
+    from gemma4x.runtime.runtime import _read_special_tokens
+    from gemma4x.tokenizer import load_tokenizer
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: no config.json (is this a checkpoint directory?)")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    # Template, tokenizer and prompt length are checked before the (possibly long) load.
+    template = load_chat_template(model_dir)
+    if template is None:
+        raise ChatTemplateError(f"--model {model_dir}: no chat template (chat_template.jinja or tokenizer_config.json)")
+    config = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir, bos_id=config.text.bos_token_id)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}
+    ]
+    text = render_chat(template, messages, special_tokens=_read_special_tokens(model_dir),
+                       enable_thinking=args.enable_thinking)  # fmt: skip
+    prompt_len = len(tokenizer.encode(text, add_bos=False))
+    max_seq_len = args.max_seq_len or prompt_len + args.max_new_tokens
+
+    runtime, load_s = _load_runtime(model_dir, device, dtype, batch=1, max_seq_len=max_seq_len, quantize=args.quantize)
+    t0 = time.perf_counter()
+    result = runtime.chat([messages], args.max_new_tokens, enable_thinking=args.enable_thinking, **_sampling(args))[0]
+    _sync(device)
+    chat_s = time.perf_counter() - t0
+    print(result.content)
+    err = sys.stderr
+    if result.reasoning is not None:
+        print(f"[thinking] {result.reasoning}", file=err)
+    print(f"[{device.type}, {str(dtype).removeprefix('torch.')}] loaded in {load_s:.2f} s; {prompt_len} prompt "
+          f"tokens, {len(result.token_ids)} generated ({result.finish_reason}) in {chat_s:.2f} s", file=err)  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # demo
 
 
@@ -272,7 +318,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, max_new_tokens: int, tempera
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4x", description="Fast, faithful Gemma 4 inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,demo}")
 
     gen = sub.add_parser("generate", help="generate from a checkpoint directory")
     gen.add_argument("--model", required=True, metavar="DIR", help="HF-layout checkpoint directory")
@@ -282,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length (default: just enough)")
     _add_run_options(gen, max_new_tokens=32, temperature=0.0)
     gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="answer one message with the checkpoint's chat template")
+    chat.add_argument("--model", required=True, metavar="DIR", help="HF-layout checkpoint directory")
+    chat.add_argument("--message", required=True, metavar="TEXT", help="the user message")
+    chat.add_argument("--system", metavar="TEXT", default=None, help="an optional system message")
+    chat.add_argument("--enable-thinking", action="store_true", help="let the model think first (printed on stderr)")
+    chat.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length (default: just enough)")
+    _add_run_options(chat, max_new_tokens=256, temperature=0.0)
+    chat.set_defaults(func=_cmd_chat)
 
     demo = sub.add_parser("demo", help="write, load and run a tiny random-weight MoE checkpoint")
     demo.add_argument("--out", metavar="DIR", help="keep the demo checkpoint here (default: a temp dir)")

@@ -4,7 +4,7 @@ The dependency is optional: token-id prompts never need it, and a text prompt wi
 raises :class:`TokenizerUnavailableError` saying how to install it. Gemma prompts start
 with ``<bos>`` (id 2); Gemma's own tokenizer.json adds it through its post-processor, and
 :meth:`GemmaTokenizer.encode` adds it only when the post-processor did not.
-Chat templates are not applied here.
+Chat templates are rendered by :mod:`gemma4x.chat`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ from pathlib import Path
 
 import torch
 
+from gemma4x.chat import (
+    ChatTemplateError,
+    ToolCall,
+    load_chat_template,
+    parse_tool_calls,
+    render_chat,
+    split_reasoning,
+    strip_control_tokens,
+)
 from gemma4x.config import ModelConfig, load_config, nvfp4_quant_config, with_quantization
 from gemma4x.models.text import Gemma4TextModel
 from gemma4x.runtime.kv_cache import KVCache
@@ -31,6 +40,20 @@ class GenerationResult:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" (EOS or a stop id) | "length" (max_new_tokens)
+
+
+@dataclass
+class ChatResult:
+    """One conversation's answer: ``content`` without the thinking channel, tool calls and
+    special tokens; ``reasoning`` the thinking channel (None without one); ``raw`` the decoded
+    answer with its special tokens."""
+
+    token_ids: list[int]
+    content: str
+    reasoning: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    raw: str
 
 
 @dataclass
@@ -91,6 +114,24 @@ def _read_generation_config(path: Path) -> dict:
     return doc
 
 
+def _read_special_tokens(path: Path) -> dict[str, str]:
+    """``bos_token``, ``eos_token``, ... of tokenizer_config.json (strings or ``{"content": ...}``), as
+    chat templates name them; Gemma's defaults where it has none."""
+    out = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    cfg_path = path / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cannot read {cfg_path}: {exc}") from exc
+        for key in list(out):
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[key] = v
+    return out
+
+
 def _id_list(value, what: str) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -98,6 +139,19 @@ def _id_list(value, what: str) -> tuple[int, ...]:
     if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
         raise ValueError(f"{what} must be an int or a list of ints, got {value!r}")
     return tuple(ids)
+
+
+TURN_CLOSE_TOKEN = "<turn|>"
+TOOL_RESPONSE_TOKEN = "<|tool_response>"
+
+
+def _strip_end(raw: str, tokenizer, ids: list[int], stops: set[int]) -> str:
+    """``raw`` without the text of its final stop token."""
+    if ids and ids[-1] in stops:
+        tail = tokenizer.decode([ids[-1]], skip_special_tokens=False)
+        if tail and raw.endswith(tail):
+            return raw[: -len(tail)]
+    return raw
 
 
 class Gemma4Runtime:
@@ -114,6 +168,8 @@ class Gemma4Runtime:
         eos_token_ids: Sequence[int] = (),
         suppress_tokens: Sequence[int] = (),
         use_cuda_graphs: bool | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
     ):
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -125,6 +181,8 @@ class Gemma4Runtime:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
         self.vocab_size = config.text.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.suppress_tokens = tuple(t for t in suppress_tokens if 0 <= t < self.vocab_size)
@@ -217,6 +275,8 @@ class Gemma4Runtime:
             eos_token_ids=eos,
             suppress_tokens=suppress,
             use_cuda_graphs=use_cuda_graphs,
+            chat_template=load_chat_template(path),
+            special_tokens=_read_special_tokens(path),
         )
 
     # ---- input checks (before any state changes, so a bad call leaves the runtime usable) ----
@@ -336,6 +396,69 @@ class Gemma4Runtime:
             )
             for s in batch.seqs
         ]
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        max_new_tokens: int = 256,
+        *,
+        enable_thinking: bool = False,
+        tools: Sequence[dict] | None = None,
+        **sampling,
+    ) -> list[ChatResult]:
+        """Answer each conversation with the checkpoint's chat template.
+
+        Args:
+            conversations: one list of ``{"role": ..., "content": ...}`` messages per
+                conversation (roles system / user / assistant / tool, as the template takes them).
+            enable_thinking: let the model think first (the template's ``enable_thinking``); the
+                thinking comes back in ``reasoning``.
+            tools: JSON-schema tool declarations; the model's calls come back in ``tool_calls``,
+                and ``<|tool_response>`` (which the model writes after a call) stops the turn.
+            sampling: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_token_ids`` as in
+                :meth:`generate`. The turn's end (``<turn|>``) is a stop token.
+
+        Raises:
+            ChatTemplateError: no chat template or tokenizer in the checkpoint, a malformed
+                conversation, or an error the template raised. Nothing has run then.
+        """
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); "
+                "use generate() with a formatted prompt"
+            )
+        if self.tokenizer is None:
+            raise ChatTemplateError(
+                "chat needs the checkpoint's tokenizer (tokenizer.json and the `tokenizers` package: pip install tokenizers)"
+            )
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+            raise ChatTemplateError(
+                f"conversations must be a list of conversations (each a list of messages), got {type(conversations).__name__}"
+            )
+        prompts = []
+        for i, messages in enumerate(conversations):
+            try:
+                text = render_chat(
+                    self.chat_template, messages, add_generation_prompt=True, tools=tools,
+                    special_tokens=self.special_tokens, enable_thinking=enable_thinking,
+                )  # fmt: skip
+            except ChatTemplateError as exc:
+                raise ChatTemplateError(f"conversation {i}: {exc}") from None
+            prompts.append(self.tokenizer.encode(text, add_bos=False))  # the template wrote <bos>
+        stops = list(sampling.pop("stop_token_ids", None) or ())
+        for token in (TURN_CLOSE_TOKEN, TOOL_RESPONSE_TOKEN if tools else None):
+            tid = self.tokenizer.token_id(token) if token else None
+            if tid is not None:
+                stops.append(tid)
+        results = self.generate(prompts, max_new_tokens, stop_token_ids=stops, **sampling)
+        out = []
+        for r in results:
+            raw = self.tokenizer.decode(r.token_ids, skip_special_tokens=False)
+            reasoning, rest = split_reasoning(_strip_end(raw, self.tokenizer, r.token_ids, set(stops) | set(self.eos_token_ids)))
+            content, calls = parse_tool_calls(rest)
+            out.append(ChatResult(r.token_ids, strip_control_tokens(content or "").strip(), reasoning, calls,
+                                  r.finish_reason, raw))
+        return out
 
     def step(self, batch: _Batch) -> None:
         """Prefill the sequences that have not started, else decode one token for all running ones."""
