@@ -93,6 +93,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 4096])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--impls", nargs="+", default=None, help="subset of gemma4x unfused torch_eager torch_compile")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = p.parse_args()
 
@@ -100,7 +101,8 @@ def main():
     copy_gbs = copy_bandwidth_gbs()
     report.ceilings["copy_GBps"] = copy_gbs
     print(f"device: {report.device}; torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    compile_ = (lambda f: torch.compile(f, dynamic=True)) if not args.no_compile else None
+    want_compile = not args.no_compile and (args.impls is None or "torch_compile" in args.impls)
+    compile_ = (lambda f: torch.compile(f, dynamic=True)) if want_compile else None
     g = torch.Generator(device="cuda").manual_seed(0)
 
     cases = []  # (op, label, rows, bytes, make_sets(n), {impl: fn}, reference fn)
@@ -128,7 +130,9 @@ def main():
         cases.append(("ple_chain", "E2B H=1536 P=256", rows, nbytes, lambda n, rows=rows: ple_sets(n, rows, g),
                       ple_impls))
 
-    names = list(geglu_impls)
+    keep = lambda impls: {k: v for k, v in impls.items() if args.impls is None or k in args.impls or k == "unfused"}  # noqa: E731
+    cases = [(*c[:5], keep(c[5])) for c in cases]
+    names = list(keep(geglu_impls))
     header = f"{'op':<18} {'shape':<20} {'rows':>5} | " + " | ".join(f"{k:>25}" for k in names)
     print(header + "\n" + "-" * len(header))
     for op, label, rows, nbytes, make, impls in cases:
