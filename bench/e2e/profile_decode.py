@@ -9,11 +9,12 @@ prompt per sequence, then measure at batch 1 and 8
     category, against the step's weight-byte floor at the copy bandwidth measured in the same run.
 
     python bench/e2e/profile_decode.py --models 26b-a4b e2b [--batches 1 8] [--top 25]
-        [--variants before now cublas]
+        [--variants before now cublas untail]
 
 ``--variants`` measures several decode paths in the same process, graphs re-captured for each:
-``before`` (separate projections on cuBLAS, q/k/v norms + RoPE as PyTorch ops), ``now`` (the
-runtime's path) and ``cublas`` (``now`` with every linear on cuBLAS).
+``before`` (separate projections on cuBLAS, q/k/v norms + RoPE as PyTorch ops, the layer tail
+as separate ops), ``now`` (the runtime's path), ``cublas`` (``now`` with every linear on cuBLAS)
+and ``untail`` (``now`` with ``geglu`` / ``residual_rms_norm`` as the separate ops they fuse).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CATEGORIES = [
     ("kv write", ("kv_cache",)),
     ("norm", ("rms", "norm")),
     ("nvfp4", ("w4a16", "nvfp4")),
+    ("elementwise/copy", ("geglu",)),  # before "gemm": every gemma4x:: kernel name contains "gemm"
     ("gemm (cuBLAS/CUTLASS)", ("gemm", "nvjet", "xmma", "cutlass", "gemv", "splitk")),
     ("sampling/argmax", ("argmax", "reduce", "topk", "sort")),
     ("elementwise/copy", ("elementwise", "vectorized", "copy", "fill", "cat", "index", "gather", "scatter")),
@@ -108,7 +110,8 @@ def _set_path(rt: Gemma4Runtime, variant: str) -> None:
     """Put the decode step on one path and re-capture the graphs:
     ``before``: separate q/k/v and gate/up GEMMs on cuBLAS, norms + RoPE as the op chain;
     ``now``: fused projections, ``ops.gemv.linear`` (skinny GEMM at decode), ``ops.qkv_norm_rope``;
-    ``cublas``: as ``now`` with every linear on cuBLAS (the skinny GEMM's share)."""
+    ``cublas``: as ``now`` with every linear on cuBLAS (the skinny GEMM's share);
+    ``untail``: as ``now`` with the layer tail unfused (``dispatch.unfused_tail``): the fusion's share."""
     from bench.ops.bench_qkv_norm_rope import eager_chain
     from gemma4x import ops
     from gemma4x.layers import dispatch
@@ -121,7 +124,11 @@ def _set_path(rt: Gemma4Runtime, variant: str) -> None:
         fused = saved[i] if variant != "before" else (None, None)
         layer.self_attn.fused_qkv, layer.mlp.fused_gate_up = fused
     dispatch._CUDA.qkv_norm_rope = eager_chain if variant == "before" else ops.qkv_norm_rope_or_reference
-    dispatch._CUDA.linear = ops.gemv.linear if variant == "now" else torch.nn.functional.linear
+    dispatch._CUDA.linear = ops.gemv.linear if variant in ("now", "untail") else torch.nn.functional.linear
+    unfused = dispatch.unfused_tail(dispatch._CUDA)  # reads rms_norm / gelu_tanh at call time
+    tail_off = variant in ("before", "untail")
+    dispatch._CUDA.geglu = unfused.geglu if tail_off else ops.geglu
+    dispatch._CUDA.residual_rms_norm = unfused.residual_rms_norm if tail_off else ops.residual_rms_norm
     rt.graphs = None
     torch.cuda.empty_cache()
     rt.graphs = CudaGraphDecoder(rt.model, rt.cache, max_batch_size=rt.max_batch_size, max_seq_len=rt.max_seq_len)
@@ -191,7 +198,7 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--variants", nargs="+", default=["now"], choices=["before", "now", "cublas"],
+    p.add_argument("--variants", nargs="+", default=["now"], choices=["before", "now", "cublas", "untail"],
                    help="decode paths to measure in the same process (see _set_path)")
     args = p.parse_args()
     bw = copy_bandwidth_gbs() * 1e9  # bytes/s, read + write, measured in this process

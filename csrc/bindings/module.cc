@@ -28,6 +28,8 @@ PYBIND11_MODULE(_C, m) {
   gemma4x::bindings::register_rope(rope);
   auto gemv = m.def_submodule("gemv", "decode-size linear layers: skinny GEMM for M <= 16 tokens");
   gemma4x::bindings::register_gemv(gemv);
+  auto activation = m.def_submodule("activation", "elementwise activations: GeGLU as PyTorch rounds it");
+  gemma4x::bindings::register_activation(activation);
 #else
   m.def("built_with_cuda", [] { return false; }, "False: built with GEMMA4X_CUDA=OFF");
 #endif

@@ -53,6 +53,22 @@ void register_norm(py::module_& m) {
       py::arg("residual"), py::arg("residual_stride"), py::arg("w1"), py::arg("w2"), py::arg("w3"), py::arg("scalar"),
       py::arg("rows"), py::arg("hidden"), py::arg("eps1"), py::arg("eps2"), py::arg("eps3"), py::arg("dtype"),
       py::arg("stream"));
+
+  // out = residual + rms(x) [* weight], then [* scalar] (scalar == 0: no product); out of place.
+  m.def(
+      "residual_rms_norm",
+      [](uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t residual_stride,
+         uintptr_t weight, uintptr_t scalar, int64_t rows, int32_t hidden, float eps, int32_t dtype,
+         uintptr_t stream) {
+        const ResidualRmsNormParams p{as_ptr(x),      x_stride,       as_ptr(residual), residual_stride,
+                                      as_ptr(weight), as_ptr(scalar), as_mut_ptr(out),  out_stride,
+                                      rows,           hidden,         eps};
+        residual_rms_norm(p, dtype_from_code(dtype, "residual_rms_norm dtype"),
+                          reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("out"), py::arg("out_stride"), py::arg("x"), py::arg("x_stride"), py::arg("residual"),
+      py::arg("residual_stride"), py::arg("weight"), py::arg("scalar"), py::arg("rows"), py::arg("hidden"),
+      py::arg("eps"), py::arg("dtype"), py::arg("stream"));
 }
 
 }  // namespace gemma4x::bindings

@@ -22,5 +22,6 @@ void register_moe_prefill(pybind11::module_& m);
 void register_kv_cache(pybind11::module_& m);
 void register_rope(pybind11::module_& m);
 void register_gemv(pybind11::module_& m);
+void register_activation(pybind11::module_& m);
 
 }  // namespace gemma4x::bindings

@@ -11,7 +11,7 @@
 namespace gemma4x::norm {
 namespace {
 
-// Kernel families as types, so one dispatcher serves all three.
+// Kernel families as types, so one dispatcher serves all of them.
 struct RmsNormKernel {
   template <typename T, int VEC, int VPT>
   static constexpr auto kernel = rms_norm_kernel<T, VEC, VPT>;
@@ -23,6 +23,10 @@ struct FusedAddRmsNormKernel {
 struct MoeTailNormKernel {
   template <typename T, int VEC, int VPT>
   static constexpr auto kernel = moe_tail_norm_kernel<T, VEC, VPT>;
+};
+struct ResidualRmsNormKernel {
+  template <typename T, int VEC, int VPT>
+  static constexpr auto kernel = residual_rms_norm_kernel<T, VEC, VPT>;
 };
 
 // Vectors per thread beyond 16 would spill the register-resident row; such rows (over 16384
@@ -140,6 +144,26 @@ void fused_add_rms_norm(const FusedAddRmsNormParams& p, DType dtype, cudaStream_
                                              {p.out, p.out_row_stride},
                                              {p.weight, 0}});
   launch<FusedAddRmsNormKernel>(p, dtype, vec, stream, op);
+}
+
+// Bit-identical to rms_norm followed by the add (and product) as PyTorch ops when rms_norm would
+// pick the same vector width: both launch through launch<>, so the reduction order is the same.
+// The vector path needs x, residual, out and weight 16-byte aligned; a misaligned residual alone
+// (never in the model) sends the whole row to the scalar path, whose fp32 sum may round the norm
+// differently from rms_norm's vector path in rare cases.
+void residual_rms_norm(const ResidualRmsNormParams& p, DType dtype, cudaStream_t stream) {
+  constexpr const char* op = "residual_rms_norm";
+  check_shape(op, p.rows, p.hidden, dtype);
+  check_eps(op, "eps", p.eps);
+  check_row(op, "x", p.x, p.x_row_stride, p.rows, p.hidden, Access::kRead);
+  check_row(op, "residual", p.residual, p.residual_row_stride, p.rows, p.hidden, Access::kRead);
+  check_row(op, "out", p.out, p.out_row_stride, p.rows, p.hidden, Access::kWrite);
+  if (p.rows == 0) return;
+  const bool vec = rows_vectorizable(dtype, {{p.x, p.x_row_stride},
+                                             {p.residual, p.residual_row_stride},
+                                             {p.out, p.out_row_stride},
+                                             {p.weight, 0}});
+  launch<ResidualRmsNormKernel>(p, dtype, vec, stream, op);
 }
 
 namespace {

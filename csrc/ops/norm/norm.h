@@ -12,5 +12,6 @@ namespace gemma4x::norm {
 void rms_norm(const RmsNormParams& params, DType dtype, cudaStream_t stream);
 void fused_add_rms_norm(const FusedAddRmsNormParams& params, DType dtype, cudaStream_t stream);
 void moe_tail_norm(const MoeTailNormParams& params, DType dtype, cudaStream_t stream);
+void residual_rms_norm(const ResidualRmsNormParams& params, DType dtype, cudaStream_t stream);
 
 }  // namespace gemma4x::norm

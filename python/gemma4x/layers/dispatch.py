@@ -30,12 +30,14 @@ REFERENCE = SimpleNamespace(
     rms_norm=_norm.rms_norm,
     fused_add_rms_norm=_norm.fused_add_rms_norm,
     moe_tail_norm=_norm.moe_tail_norm,
+    residual_rms_norm=_norm.residual_rms_norm,
     apply_rope=_rope.apply_rope,
     qkv_norm_rope=_rope.qkv_norm_rope,
     attention=_attn.attention_sdpa,  # HF's default sdpa path: bitwise HF parity on CPU
     self_attention=_attn.self_attention_sdpa,
     attention_decode=_attn_decode.attention_decode_sdpa,  # decode over the cache: the same SDPA
     gelu_tanh=_act.gelu_tanh,
+    geglu=_act.geglu,
     moe_router=_moe.moe_router,
     moe_experts=_moe.moe_experts,
 )
@@ -49,6 +51,7 @@ def _cuda_namespace() -> SimpleNamespace:
         rms_norm=ops.rms_norm,
         fused_add_rms_norm=ops.fused_add_rms_norm,
         moe_tail_norm=ops.moe_tail_norm,
+        residual_rms_norm=ops.residual_rms_norm,  # residual + rms_norm [* layer_scalar], one launch
         apply_rope=_rope.apply_rope,
         qkv_norm_rope=ops.qkv_norm_rope_or_reference,  # q/k/v norms + RoPE in one launch
         # Prompt prefill (tokens over themselves) goes to the sm_90a varlen kernel
@@ -58,6 +61,7 @@ def _cuda_namespace() -> SimpleNamespace:
         self_attention=_attn.self_attention_sdpa,
         attention_decode=ops.attention_decode_or_sdpa,  # decode steps: in-place kernel over the cache
         gelu_tanh=_act.gelu_tanh,
+        geglu=ops.geglu,  # gelu_tanh(gate) * up, one launch
         moe_router=ops.moe_router,
         moe_experts=ops.moe_experts,
     )
@@ -76,3 +80,19 @@ def ops_for(x: torch.Tensor, native: bool = False) -> SimpleNamespace:
 
         _CUDA = with_prefill_kernel(_cuda_namespace()) if cuda_kernels_available() else REFERENCE
     return _CUDA
+
+
+def unfused_tail(ns: SimpleNamespace) -> SimpleNamespace:
+    """A copy of ``ns`` whose ``geglu`` and ``residual_rms_norm`` run as the separate ops they fuse.
+
+    ``gelu_tanh(gate) * up`` and ``residual + rms_norm(x)`` (then ``* scalar``) with ``ns``'s own
+    ``gelu_tanh`` / ``rms_norm``: the decode path before the fusion, for A/B tests and profiles.
+    """
+
+    def residual_rms_norm(residual, x, weight, eps, scalar=None):
+        out = residual + ns.rms_norm(x, weight, eps)
+        return out if scalar is None else out * scalar
+
+    return SimpleNamespace(
+        **{**vars(ns), "geglu": lambda gate, up: ns.gelu_tanh(gate) * up, "residual_rms_norm": residual_rms_norm}
+    )

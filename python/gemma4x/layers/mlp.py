@@ -47,7 +47,7 @@ class GegluMLP(nn.Module):
             gate, up = fused(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(ops.gelu_tanh(gate) * up)
+        return self.down_proj(ops.geglu(gate, up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, native=False)

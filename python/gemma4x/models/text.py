@@ -118,12 +118,16 @@ class DecoderLayer(nn.Module):
             m = ops.rms_norm(m, self.post_feedforward_layernorm_1.weight, eps) + ops.rms_norm(
                 e, self.post_feedforward_layernorm_2.weight, eps
             )
-        h = h + ops.rms_norm(m, self.post_feedforward_layernorm.weight, eps)
-        if self.has_ple:
-            g = ops.gelu_tanh(self.per_layer_input_gate(h)) * pli
-            g = ops.rms_norm(self.per_layer_projection(g), self.post_per_layer_input_norm.weight, eps)
-            h = h + g
-        return h * self.layer_scalar, keys
+        # residual_rms_norm(r, x, w, eps, s) = (r + rms_w(x)) [* s], rounded as the separate ops.
+        if not self.has_ple:
+            out = ops.residual_rms_norm(h, m, self.post_feedforward_layernorm.weight, eps, self.layer_scalar)
+            return out, keys
+        h = ops.residual_rms_norm(h, m, self.post_feedforward_layernorm.weight, eps)
+        g = ops.geglu(self.per_layer_input_gate(h), pli)  # gelu_tanh(gate(h2)) * PLI[:, :, l]
+        out = ops.residual_rms_norm(
+            h, self.per_layer_projection(g), self.post_per_layer_input_norm.weight, eps, self.layer_scalar
+        )
+        return out, keys
 
     def forward(self, h, pli, cos, sin, positions, kv: KVStore, shared: KV | None = None) -> tuple[torch.Tensor, KV]:
         """``h [B, T, H]`` (consumed: updated in place) -> (layer output, the K/V attended over)."""

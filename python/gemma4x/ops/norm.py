@@ -61,6 +61,21 @@ def _check_moe_tail(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3) -> N
         check_float_scalar(op, name, eps)
 
 
+def _check_residual(residual, x, weight, eps, scalar) -> None:
+    op = "residual_rms_norm"
+    dtype_code(x, f"{op}: x")
+    check_rows(op, "x", x)
+    check_same_shape(op, "residual", residual, x, "x")
+    check_rows(op, "residual", residual)
+    if weight is not None:
+        check_weight(op, "weight", weight, x)
+    check_float_scalar(op, "eps", eps)
+    if scalar is not None:
+        if scalar.numel() != 1:
+            raise ValueError(f"{op}: scalar must have exactly 1 element, got shape {list(scalar.shape)}")
+        check_same(op, "scalar", scalar, x, "x")
+
+
 @torch.library.custom_op("gemma4x::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     _check_rms_norm(x, weight, eps)
@@ -140,6 +155,30 @@ def _(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3):
     return x1.new_empty(x1.shape)
 
 
+@torch.library.custom_op("gemma4x::residual_rms_norm", mutates_args=())
+def _residual_rms_norm_op(
+    residual: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, scalar: Optional[torch.Tensor]
+) -> torch.Tensor:
+    _check_residual(residual, x, weight, eps, scalar)
+    check_cuda("residual_rms_norm", "x", x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x_rows, x_stride = as_rows(x, "x", "residual_rms_norm")
+    r_rows, r_stride = as_rows(residual, "residual", "residual_rms_norm")
+    with on_device(x) as stream:
+        extension().norm.residual_rms_norm(
+            out.data_ptr(), x.shape[-1], x_rows.data_ptr(), x_stride, r_rows.data_ptr(), r_stride,
+            0 if weight is None else weight.data_ptr(), 0 if scalar is None else scalar.data_ptr(),
+            x_rows.shape[0], x.shape[-1], float(eps), dtype_code(x, "x"), stream,
+        )  # fmt: skip
+    return out
+
+
+@_residual_rms_norm_op.register_fake
+def _(residual, x, weight, eps, scalar):
+    _check_residual(residual, x, weight, eps, scalar)
+    return x.new_empty(x.shape)
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """``y = x * (mean(x^2, -1) + eps)^-0.5 [* weight]`` in fp32, rounded to ``x.dtype``.
 
@@ -195,3 +234,31 @@ def moe_tail_norm(
         eps1, eps2, eps3: per-norm epsilons.
     """
     return torch.ops.gemma4x.moe_tail_norm(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3)
+
+
+def residual_rms_norm(
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    scalar: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``out = T(residual + rms_norm(x, weight, eps))``, then ``T(out * scalar)`` when ``scalar`` is given.
+
+    The dense Gemma 4 layer tail (``h1 + post_feedforward_layernorm(m)``, times ``layer_scalar``;
+    the PLE branch's ``h + post_per_layer_input_norm(g)``) in one launch instead of two or three.
+    Bit-identical to ``residual + rms_norm(x, weight, eps)`` (then ``* scalar``) with this
+    package's ``rms_norm`` and PyTorch's add / mul on the GPU: the norm runs ``rms_norm``'s
+    reduction in the same order and every step rounds to the dtype where those ops do. Out of
+    place: ``residual`` is not written (callers keep using it).
+
+    Args:
+        residual: ``[..., hidden]`` CUDA tensor, last dim contiguous, rows may be strided.
+        x: same shape, dtype and device; the tensor to normalise.
+        weight: ``[hidden]`` or ``None`` for a scale-free norm.
+        eps: added to the mean square.
+        scalar: one-element tensor of the same dtype/device (the layer's ``layer_scalar``), or None.
+    Returns:
+        New contiguous tensor shaped like ``x``.
+    """
+    return torch.ops.gemma4x.residual_rms_norm(residual, x, weight, eps, scalar)

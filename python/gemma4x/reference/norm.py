@@ -27,6 +27,22 @@ def fused_add_rms_norm(
     return rms_norm(residual, weight, eps)
 
 
+def residual_rms_norm(
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scalar: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + rms_norm(x, weight, eps)``, then ``* scalar`` if given; each op rounds to the dtype.
+
+    The dense Gemma 4 layer tail as HF computes it (``hidden_states + post_feedforward_layernorm(m)``,
+    then ``* layer_scalar``); out of place.
+    """
+    out = residual + rms_norm(x, weight, eps)
+    return out if scalar is None else out * scalar
+
+
 def moe_tail_norm(
     x1: torch.Tensor,
     x2: torch.Tensor,

@@ -54,4 +54,20 @@ struct MoeTailNormParams {
   float eps3;
 };
 
+// out = residual + rms(x) [* weight], then [* scalar]: the dense Gemma 4 layer tail
+// (h1 + post_feedforward_layernorm(m), times layer_scalar), each step rounded to T. Out of place.
+struct ResidualRmsNormParams {
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;
+  int64_t residual_row_stride;
+  const void* weight;  // [hidden] or nullptr
+  const void* scalar;  // one element, or nullptr for no product
+  void* out;
+  int64_t out_row_stride;
+  int64_t rows;
+  int32_t hidden;
+  float eps;
+};
+
 }  // namespace gemma4x::norm

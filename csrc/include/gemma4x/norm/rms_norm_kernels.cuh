@@ -138,6 +138,43 @@ __global__ void __launch_bounds__(kMaxThreads)
   h.store(static_cast<T*>(p.out) + row * p.out_row_stride, nvec);
 }
 
+// out = T(residual + T(rms(x) [* w])) [then T(out * scalar)]: the dense layer tail. The norm
+// is rms_norm_kernel's, reduction order included (same VEC, VPT and block size from the same
+// launcher), so its rounded value equals rms_norm's bit for bit. The add and the product use
+// __fadd_rn / __fmul_rn: for T = float no rounding separates them from the norm's products, and
+// a contracted fma would differ from the separate PyTorch ops this replaces.
+template <typename T, int VEC, int VPT>
+__global__ void __launch_bounds__(kMaxThreads)
+    residual_rms_norm_kernel(const __grid_constant__ ResidualRmsNormParams p) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int nvec = p.hidden / VEC;
+  using Frag = RowFrag<T, VEC, VPT>;
+  const T* res_row = static_cast<const T*>(p.residual) + row * p.residual_row_stride;
+  const bool has_weight = p.weight != nullptr;
+  const bool has_scalar = p.scalar != nullptr;
+  Frag::prefetch(res_row, nvec);
+  if (has_weight) Frag::prefetch(static_cast<const T*>(p.weight), nvec);
+  Frag x, res, w;
+  x.load(static_cast<const T*>(p.x) + row * p.x_row_stride, nvec);
+  res.load(res_row, nvec);
+  if (has_weight) w.load(static_cast<const T*>(p.weight), nvec);
+  const float scalar = has_scalar ? Float<T>::load(*static_cast<const T*>(p.scalar)) : 1.f;
+  float sum_sq[1] = {x.sum_sq(nvec)};
+  block_sum<1>(sum_sq, scratch);
+  const float r = inv_rms(sum_sq[0], p.hidden, p.eps);
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float n = round_to<T>(has_weight ? (x.f(j, k) * r) * w.f(j, k) : x.f(j, k) * r);
+      const float s = __fadd_rn(res.f(j, k), n);
+      x.set(j, k, has_scalar ? __fmul_rn(round_to<T>(s), scalar) : s);
+    }
+  }
+  x.store(static_cast<T*>(p.out) + row * p.out_row_stride, nvec);
+}
+
 // One row of the MoE tail from fragments already in registers; writes `out`.
 // scratch2 holds 64 floats, scratch1 32; both are reused only after a barrier.
 template <typename T, int VEC, int VPT>
