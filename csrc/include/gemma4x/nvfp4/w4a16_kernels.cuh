@@ -96,35 +96,54 @@ __device__ __forceinline__ void unit_mma(const uint4& q, uint32_t sc, const uint
   }
 }
 
-// Accumulates units u_begin, u_begin + u_step, ... (< u_end) of one 16-row block `blk` into acc.
-// xr[nt]: the activation row of this lane's column in tile nt (K contiguous values). U units are
-// in flight per lane before the first is used.
+// One batch: up to U units at w, w + w_step, ... (this lane's 16 code bytes; its 2 scale bytes sit
+// at w + 512 - 14 lane) and their activations at xp[nt], xp[nt] + x_step, ...; all loaded, then
+// computed in order. kGuard: only the first `count` are real (the last, partial batch).
+template <int NT, int U, bool kGuard>
+__device__ __forceinline__ void stream_batch(const uint8_t*& w, int64_t w_step, const __nv_bfloat16* (&xp)[NT],
+                                             int x_step, int lane, int count, float (&acc)[NT][4]) {
+  uint4 q[U];
+  uint32_t sc[U];
+  uint4 xv[U][NT][2];
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+    if (!kGuard || i < count) {
+      q[i] = ld_stream16(w);
+      sc[i] = ld_stream_u16(w + (kCodeBytes - 14 * lane));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        xv[i][nt][0] = ld_cached16(xp[nt]);
+        xv[i][nt][1] = ld_cached16(xp[nt] + 8);
+        xp[nt] += x_step;
+      }
+      w += w_step;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+    if (!kGuard || i < count) unit_mma<NT>(q[i], sc[i], xv[i], acc);
+  }
+}
+
+// Accumulates units u_begin, u_begin + u_step, ... (< u_end) of one 16-row block `blk` into acc,
+// in that order. xr[nt]: the activation row of this lane's column in tile nt (K contiguous
+// values). U units are in flight per lane before the first is used. The addresses advance by a
+// fixed stride (one add per pointer and unit): recomputing them per unit from a clamped index
+// cost ~17 of the ~120 instructions of a unit (SASS count, H200 build).
 template <int NT, int U>
 __device__ __forceinline__ void stream_units(const uint8_t* blk, int u_begin, int u_end, int u_step,
                                              const __nv_bfloat16* const (&xr)[NT], int lane, float (&acc)[NT][4]) {
+  if (u_begin >= u_end) return;
   const int t = lane & 3;
-  for (int u0 = u_begin; u0 < u_end; u0 += U * u_step) {
-    uint4 q[U];
-    uint32_t sc[U];
-    uint4 xv[U][NT][2];
+  const uint8_t* w = blk + static_cast<int64_t>(u_begin) * kUnitBytes + 16 * lane;
+  const int64_t w_step = static_cast<int64_t>(u_step) * kUnitBytes;
+  const __nv_bfloat16* xp[NT];
 #pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int u = min(u0 + i * u_step, u_end - 1);
-      const uint8_t* unit = blk + static_cast<int64_t>(u) * kUnitBytes;
-      q[i] = ld_stream16(unit + 16 * lane);
-      sc[i] = ld_stream_u16(unit + kCodeBytes + 2 * lane);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const __nv_bfloat16* xp = xr[nt] + u * kUnitK + 16 * t;
-        xv[i][nt][0] = ld_cached16(xp);
-        xv[i][nt][1] = ld_cached16(xp + 8);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      if (u0 + i * u_step < u_end) unit_mma<NT>(q[i], sc[i], xv[i], acc);
-    }
-  }
+  for (int nt = 0; nt < NT; ++nt) xp[nt] = xr[nt] + static_cast<int64_t>(u_begin) * kUnitK + 16 * t;
+  const int x_step = u_step * kUnitK;
+  int n = (u_end - u_begin + u_step - 1) / u_step;  // this lane's units
+  for (; n >= U; n -= U) stream_batch<NT, U, false>(w, w_step, xp, x_step, lane, U, acc);
+  if (n > 0) stream_batch<NT, U, true>(w, w_step, xp, x_step, lane, n, acc);
 }
 
 // Units in flight per lane: activation registers grow with NT (8 per tile and unit).
