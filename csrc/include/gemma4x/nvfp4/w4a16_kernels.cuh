@@ -16,12 +16,12 @@
 // the block. The activations a lane needs for the unit are then 16 contiguous values of its token:
 // two 16-byte loads, and one e4m3 scale per row and unit.
 //
-// Measured on an H200 (bench/ops/bench_nvfp4.py, bench/RESULTS.md): 31B MLP shapes at 1-8 tokens
-// 2.0 TB/s of the 0.5625 B/param needed (47% of copy; cuBLAS bf16 1.9x slower), 26B MLP shapes
-// ~5 us (latency: 3.3 MB of weights); routed experts at 1 token 16.2 us (2.14x the bf16 kernels).
-// Known limits: a warp's U units are loaded, then computed, then the next U issued (no loads in
-// flight during dequant + mma), and the 16 mma of a batch chain through one accumulator; the
-// 8-tile (64-token) variant keeps one unit in flight (2-3x slower than cuBLAS bf16 there).
+// Measured on an H200 (bench/ops/bench_nvfp4.py, bench/RESULTS.md, session 4): 31B MLP shapes at
+// 1-8 tokens 2.4-2.5 TB/s of the 0.5625 B/param needed (cuBLAS bf16 2.1-2.5x slower), 26B MLP
+// shapes ~5 us (latency: 3.3 MB of weights); routed experts at 1 token 14.7 us (2.3x the bf16
+// kernels). The limit is instruction issue (ncu: ~120 warp instructions per 576-byte unit, of
+// which the exact e2m1 decode is ~60), not bytes in flight: a copy-engine ring that kept far more
+// bytes in flight measured slower, and with the decode removed the kernel reaches ~3.0 TB/s.
 #pragma once
 
 #include <cuda_bf16.h>
