@@ -224,6 +224,11 @@ constexpr int kMoeMaxPairs = 64;
 constexpr int kMoeMaxExperts = 256;
 constexpr int kGateUpWarps = 4;
 constexpr int kDownWarps = 8;
+// Units in flight per lane. At 26B-A4B shapes (a gate/up warp's 11 units of H = 2816 in batches of
+// 4, a down warp's 11 of I = 704 in batches of 6), deeper batches measured slower on an H200:
+// experts at 1 token 14.7 us with (4, 6), 16.7 with (6, 6), 17.4 with (4, 11) (bench/RESULTS.md).
+constexpr int kGateUpDepth = 4;
+constexpr int kDownDepth = 6;
 
 // Index of the n-th set bit of m (n counted from 0), or -1.
 __device__ __forceinline__ int nth_set_bit(unsigned long long m, int n) {
@@ -287,7 +292,7 @@ __global__ void __launch_bounds__(32 * kGateUpWarps) nvfp4_moe_gate_up_kernel(co
     const int my_pair = nth_set_bit(batch, min(lane >> 2, cnt - 1));
     const __nv_bfloat16* xr[1] = {x + static_cast<int64_t>(my_pair / p.top_k) * p.x_row_stride};
     float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-    stream_units<1, 4>(blk, warp, units, kGateUpWarps, xr, lane, acc);
+    stream_units<1, kGateUpDepth>(blk, warp, units, kGateUpWarps, xr, lane, acc);
 #pragma unroll
     for (int c = 0; c < 4; ++c) red[warp][c * 32 + lane] = acc[0][c];
     __syncthreads();
@@ -374,7 +379,7 @@ __global__ void __launch_bounds__(32 * kDownWarps) nvfp4_moe_down_kernel(const _
       const int my_pair = nth_set_bit(batch, min(lane >> 2, cnt - 1));
       const __nv_bfloat16* xr[1] = {act + static_cast<int64_t>(my_pair) * p.inter};
       float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-      stream_units<1, 6>(blk, 0, units, 1, xr, lane, acc);
+      stream_units<1, kDownDepth>(blk, 0, units, 1, xr, lane, acc);
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
         const int col = 2 * (lane & 3) + cc;
