@@ -45,10 +45,11 @@ CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 STRING_DELIM = '<|"|>'
 TURN_CLOSE = "<turn|>"
+TOOL_RESPONSE_OPEN = "<|tool_response>"
 # Gemma 4's control tokens (spec 8.1) and the plain specials: never part of an answer's text.
 CONTROL_TOKENS = (
-    "<|turn>", "<turn|>", CHANNEL_OPEN, CHANNEL_CLOSE, "<|think|>", "<|tool>", "<tool|>", TOOL_CALL_OPEN,
-    TOOL_CALL_CLOSE, "<|tool_response>", "<tool_response|>", "<bos>", "<eos>", "<pad>",
+    "<|turn>", TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, "<|think|>", "<|tool>", "<tool|>", TOOL_CALL_OPEN,
+    TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, "<tool_response|>", "<bos>", "<eos>", "<pad>",
 )  # fmt: skip
 _CONTROL_RE = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
 # Message fields a reasoning text may come under; templates read the first (as transformers aliases them).

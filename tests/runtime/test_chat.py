@@ -220,6 +220,15 @@ def test_runtime_chat_parses_the_answer(chat_rt, monkeypatch):
     assert tok.token_id("<|tool_response>") in seen["stops"] and tok.token_id("<turn|>") in seen["stops"]
 
 
+def test_runtime_chat_keeps_a_malformed_call_as_text(chat_rt, monkeypatch):
+    from gemma4x.runtime import GenerationResult
+
+    ids = chat_rt.tokenizer.encode('<|tool_call>call:f{x:<|"|>open}<tool_call|><turn|>', add_bos=False)
+    monkeypatch.setattr(chat_rt, "generate", lambda prompts, *a, **kw: [GenerationResult(ids, None, "stop")])
+    r = chat_rt.chat([CONVERSATIONS["one user turn"]], tools=TOOLS)[0]
+    assert r.tool_calls == [] and r.content == 'call:f{x:<|"|>open}'
+
+
 def test_runtime_chat_errors(chat_rt, tmp_path):
     from gemma4x.runtime import Gemma4Runtime
 

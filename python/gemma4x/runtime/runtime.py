@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from gemma4x.chat import (
+    TOOL_RESPONSE_OPEN,
+    TURN_CLOSE,
     ChatTemplateError,
     ToolCall,
     load_chat_template,
@@ -139,10 +141,6 @@ def _id_list(value, what: str) -> tuple[int, ...]:
     if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
         raise ValueError(f"{what} must be an int or a list of ints, got {value!r}")
     return tuple(ids)
-
-
-TURN_CLOSE_TOKEN = "<turn|>"
-TOOL_RESPONSE_TOKEN = "<|tool_response>"
 
 
 def _strip_end(raw: str, tokenizer, ids: list[int], stops: set[int]) -> str:
@@ -414,7 +412,8 @@ class Gemma4Runtime:
             enable_thinking: let the model think first (the template's ``enable_thinking``); the
                 thinking comes back in ``reasoning``.
             tools: JSON-schema tool declarations; the model's calls come back in ``tool_calls``,
-                and ``<|tool_response>`` (which the model writes after a call) stops the turn.
+                and ``<|tool_response>`` (which the model writes after a call) stops the turn. A
+                call whose arguments do not parse stays in ``content`` (and ``raw``).
             sampling: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_token_ids`` as in
                 :meth:`generate`. The turn's end (``<turn|>``) is a stop token.
 
@@ -446,7 +445,7 @@ class Gemma4Runtime:
                 raise ChatTemplateError(f"conversation {i}: {exc}") from None
             prompts.append(self.tokenizer.encode(text, add_bos=False))  # the template wrote <bos>
         stops = list(sampling.pop("stop_token_ids", None) or ())
-        for token in (TURN_CLOSE_TOKEN, TOOL_RESPONSE_TOKEN if tools else None):
+        for token in (TURN_CLOSE, TOOL_RESPONSE_OPEN if tools else None):
             tid = self.tokenizer.token_id(token) if token else None
             if tid is not None:
                 stops.append(tid)
@@ -455,7 +454,10 @@ class Gemma4Runtime:
         for r in results:
             raw = self.tokenizer.decode(r.token_ids, skip_special_tokens=False)
             reasoning, rest = split_reasoning(_strip_end(raw, self.tokenizer, r.token_ids, set(stops) | set(self.eos_token_ids)))
-            content, calls = parse_tool_calls(rest)
+            try:
+                content, calls = parse_tool_calls(rest)
+            except ValueError:  # the model wrote a malformed call: keep its text (``raw`` has it all)
+                content, calls = rest, []
             out.append(ChatResult(r.token_ids, strip_control_tokens(content or "").strip(), reasoning, calls,
                                   r.finish_reason, raw))
         return out
