@@ -30,6 +30,8 @@
 
 #include "gemma4x/attention/attention_varlen_sm90.cuh"
 #include "gemma4x/common/bulk_copy.cuh"
+#include "gemma4x/common/sm90_wgmma.cuh"
+#include "gemma4x/common/tma.cuh"
 
 namespace gemma4x::attention {
 
@@ -72,97 +74,6 @@ struct Fa3Config {
 
 // Named barriers (0 is __syncthreads): the consumers' MMA turns, and the partial-S exchange.
 constexpr int kBarTurn0 = 1, kBarTurn1 = 2, kBarXchg0 = 3, kBarXchg1 = 4;
-
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Pins accumulator registers at this point of the program: reads after a wgmma.wait_group and
-// writes before a wgmma issue cannot be moved across it by the compiler.
-template <int kN>
-__device__ __forceinline__ void fence_acc(float (*a)[4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(a[j][r])::"memory");
-}
-
-// 3-D TMA load: box {64 columns, 1 head, rows} at (col, head, row) into `dst`, completing on `bar`.
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int head,
-                                            int row) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
-      "[%5];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(smem_addr(bar))
-      : "memory");
-}
-
-#define G4X_ACC16(a)                                                                                           \
-  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),   \
-      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
-      "+f"(a[3][2]), "+f"(a[3][3])
-#define G4X_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-
-// acc[64 x 32] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 32] (+)= A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, K-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  }
-#endif
-}
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)

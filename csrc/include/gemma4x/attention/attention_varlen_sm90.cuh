@@ -35,7 +35,9 @@
 
 #include "gemma4x/attention/params.h"
 #include "gemma4x/attention/tile_class.h"
+#include "gemma4x/common/bulk_copy.cuh"  // smem_addr, fence_proxy_async_shared
 #include "gemma4x/common/mma.cuh"
+#include "gemma4x/common/sm90_wgmma.cuh"
 
 namespace gemma4x::attention {
 
@@ -84,23 +86,14 @@ struct AttnConfig {
 // ----------------------------------------------------------------------------------------------
 // PTX helpers.
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// cp.async writes through the generic proxy; wgmma reads shared memory through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
+// cp.async writes through the generic proxy, wgmma reads shared memory through the async proxy:
+// the wgmma path puts fence_proxy_async_shared() between them.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -133,75 +126,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// ---- wgmma (sm_90a) ----
-// Shared-memory matrix descriptor, 128B swizzle: start >> 4 in bits 0-13, leading byte offset >> 4
-// in 16-29, stride byte offset >> 4 in 32-45, layout type 1 (SWIZZLE_128B) in bits 62-63. Regions
-// are 1024-byte aligned, so the base offset is 0.
-__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// Register order of an m64n64 fp32 accumulator: d[4j + r] = fragment r of n8 tile j (the mma.sync
-// m16n8 C layout per warp: r = 0,1 row lane/4, r = 2,3 row lane/4 + 8; columns 8j + 2(lane%4) + {0,1}).
-#define G4X_ACC32(a)                                                                                            \
-  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),    \
-      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
-      "+f"(a[3][2]), "+f"(a[3][3]), "+f"(a[4][0]), "+f"(a[4][1]), "+f"(a[4][2]), "+f"(a[4][3]), "+f"(a[5][0]), \
-      "+f"(a[5][1]), "+f"(a[5][2]), "+f"(a[5][3]), "+f"(a[6][0]), "+f"(a[6][1]), "+f"(a[6][2]), "+f"(a[6][3]), \
-      "+f"(a[7][0]), "+f"(a[7][1]), "+f"(a[7][2]), "+f"(a[7][3])
-#define G4X_D32                                                                                              \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
-// acc[64 x 64] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_64x64(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 64] += A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, MN-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x64_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
-#endif
-}
-
 // ----------------------------------------------------------------------------------------------
 
 template <class Cfg>
@@ -231,7 +155,7 @@ __device__ __forceinline__ void load_tile(typename Cfg::Element* smem, const typ
     const int chunk = i % Cfg::kChunks;
     const bool valid = row < valid_rows && chunk < d_chunks;
     const typename Cfg::Element* src = valid ? gbase + row * stride + chunk * 8 : gbase;
-    cp_async_16(smem_u32(smem + SmemTile<Cfg>::off(row, chunk, ROWS)), src, valid);
+    cp_async_16(smem_addr(smem + SmemTile<Cfg>::off(row, chunk, ROWS)), src, valid);
   }
 }
 
@@ -355,12 +279,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_commit();
   }
 
-  const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+  const uint32_t sQ_u = smem_addr(sQ), sK_u = smem_addr(sK), sV_u = smem_addr(sV);
 
   while (n >= 0) {
     const int kind = classify(n);
     cp_async_wait_all();
-    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    if constexpr (Cfg::kWgmma) fence_proxy_async_shared();
     __syncthreads();  // K(n) (and Q) landed; every warp is done with V(n+1)
     load_tile<Cfg, kBlockN>(sV, gV + static_cast<int64_t>(n) * kBlockN * p.v_row_stride, p.v_row_stride,
                             Lk - n * kBlockN, d_chunks);
@@ -386,7 +310,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         wgmma_ss_64x64<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), 1);
       }
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
     } else {
 #pragma unroll
       for (int ks = 0; ks < kHDw / 16; ++ks) {
@@ -413,7 +337,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
         *reinterpret_cast<float4*>(mine + (j * 32 + lane) * 4) = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
-      named_barrier(1 + wm, 64);
+      named_bar_sync(1 + wm, 64);
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
         const float4 t = *reinterpret_cast<const float4*>(theirs + (j * 32 + lane) * 4);
@@ -484,7 +408,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     const int n_next = next_tile(n - 1);
     cp_async_wait_all();
-    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    if constexpr (Cfg::kWgmma) fence_proxy_async_shared();
     __syncthreads();  // V(n) landed; every warp is done with K(n)
     if (n_next >= 0) {
       load_tile<Cfg, kBlockN>(sK, gK + static_cast<int64_t>(n_next) * kBlockN * p.k_row_stride, p.k_row_stride,
@@ -506,7 +430,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         }
       }
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
     } else {
 #pragma unroll
       for (int t = 0; t < kNT / 2; ++t) {
