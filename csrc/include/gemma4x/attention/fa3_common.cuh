@@ -1,0 +1,125 @@
+// The FlashAttention-3 structure shared by attention_varlen_fa3_sm90.cuh (head dims 256 / 512) and
+// attention_varlen_fa3_small_sm90.cuh (64 / 72): the shared-memory layout with its K / V rings
+// and mbarriers, the TMA producer, Q held in registers, and the consumers' ping-pong of MMA turns.
+// A config Cfg provides kBlockM, kBlockN, kStages, kQBytes, kKVBytes, kBarOffset and
+// kConsumerThreads.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+
+#include <cstdint>
+
+#include "gemma4x/attention/varlen_common.cuh"
+#include "gemma4x/common/bulk_copy.cuh"
+#include "gemma4x/common/ldmatrix.cuh"
+#include "gemma4x/common/sm90_wgmma.cuh"
+#include "gemma4x/common/tma.cuh"
+
+namespace gemma4x::attention {
+
+// Named barriers (0 is __syncthreads): the consumers' MMA turns, and the partial-S exchange.
+constexpr int kBarTurn0 = 1, kBarTurn1 = 2, kBarXchg0 = 3, kBarXchg1 = 4;
+
+// Dynamic shared memory from a 1024-byte aligned base: Q, the kStages K stages, the kStages V
+// stages, (the partial-S exchange sX of the d-split kernel), then the mbarriers: Q's, and per
+// stage K full, K empty, V full, V empty. A "full" barrier completes on the producer's arrival
+// plus the TMA transaction bytes, an "empty" one once every consumer thread released the stage.
+template <class Cfg>
+struct Fa3Smem {
+  char* sQ;
+  char* sK;
+  char* sV;
+  float* sX;
+  uint64_t* bar_q;
+  uint64_t* k_full;
+  uint64_t* k_empty;
+  uint64_t* v_full;
+  uint64_t* v_empty;
+
+  __device__ __forceinline__ explicit Fa3Smem(char* smem_raw) {
+    char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    sQ = base;
+    sK = sQ + Cfg::kQBytes;
+    sV = sK + Cfg::kStages * Cfg::kKVBytes;
+    sX = reinterpret_cast<float*>(sV + Cfg::kStages * Cfg::kKVBytes);
+    bar_q = reinterpret_cast<uint64_t*>(base + Cfg::kBarOffset);
+    k_full = bar_q + 1;
+    k_empty = k_full + Cfg::kStages;
+    v_full = k_empty + Cfg::kStages;
+    v_empty = v_full + Cfg::kStages;
+  }
+
+  // One thread, before the __syncthreads that publishes the barriers.
+  __device__ __forceinline__ void init_barriers() const {
+    mbarrier_init(bar_q, 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbarrier_init(&k_full[s], 1);
+      mbarrier_init(&v_full[s], 1);
+      mbarrier_init(&k_empty[s], Cfg::kConsumerThreads);
+      mbarrier_init(&v_empty[s], Cfg::kConsumerThreads);
+    }
+    fence_barrier_init();
+  }
+};
+
+// The producer (one thread): Q once, then K(n) and V(n) of every key tile the walk visits, the
+// it-th into stage it % kStages once the consumers released that stage's previous tile. Each tile
+// is kRegions TMA boxes of {64 columns, 1 head, rows}; kRegionUnroll: the unroll of that loop.
+template <class Cfg, int kRegions, int kRegionUnroll>
+__device__ __forceinline__ void fa3_produce(const Fa3Smem<Cfg>& sm, const KeyTileWalk<Cfg::kBlockN>& keys, int n_first,
+                                            const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
+                                            int h, int kvh, int q_row, int k_start) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  mbarrier_arrive_expect_tx(sm.bar_q, Cfg::kQBytes);
+#pragma unroll kRegionUnroll
+  for (int r = 0; r < kRegions; ++r) tma_load_3d(sm.sQ + r * kBlockM * 128, &tm_q, sm.bar_q, r * 64, h, q_row);
+  int it = 0;
+#pragma unroll 1
+  for (int n = n_first; n >= 0; n = keys.next(n - 1), ++it) {
+    const int s = it % kStages;
+    const uint32_t ph = (it / kStages) & 1;
+    const int row = k_start + n * kBlockN;
+    mbarrier_wait_parity(&sm.k_empty[s], ph ^ 1);
+    mbarrier_arrive_expect_tx(&sm.k_full[s], Cfg::kKVBytes);
+    char* dk = sm.sK + s * Cfg::kKVBytes;
+#pragma unroll kRegionUnroll
+    for (int r = 0; r < kRegions; ++r) tma_load_3d(dk + r * kBlockN * 128, &tm_k, &sm.k_full[s], r * 64, kvh, row);
+    mbarrier_wait_parity(&sm.v_empty[s], ph ^ 1);
+    mbarrier_arrive_expect_tx(&sm.v_full[s], Cfg::kKVBytes);
+    char* dv = sm.sV + s * Cfg::kKVBytes;
+#pragma unroll kRegionUnroll
+    for (int r = 0; r < kRegions; ++r) tma_load_3d(dv + r * kBlockN * 128, &tm_v, &sm.v_full[s], r * 64, kvh, row);
+  }
+}
+
+// Q's A fragments of this warp's 16 rows (row = the warp's first row + (lane & 15)) for kFrags k16
+// slices from column col0: ldmatrix x4 of rows (lane & 15), 16-byte chunks (lane >> 4) of each
+// slice (the swizzled layout: chunk c of row r at c ^ (r % 8) inside the row's 128 bytes).
+template <int kBlockM, int kFrags>
+__device__ __forceinline__ void load_q_frags(uint32_t (&qa)[kFrags][4], uint32_t sQ_u, int row, int col0, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kFrags; ++ks) {
+    const int chunk = (col0 + ks * 16) / 8 + (lane >> 4);
+    const uint32_t addr = sQ_u + (chunk >> 3) * kBlockM * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+    ldmatrix_x4(addr, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3]);
+  }
+}
+
+// Ping-pong of two consumers' MMA turns (kPingPong, else no-ops): consumer c issues its MMAs
+// after sync() on its turn barrier and then pass()es the turn to the other one. Both walk the same
+// key tiles, so their turn counts match; consumer 1 start()s by handing the first turn to
+// consumer 0 and skips its very last hand-over, which leaves both barriers balanced at exit.
+template <bool kPingPong, int kThreads>
+struct MmaTurns {
+  __device__ __forceinline__ static void start(int c) {
+    if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, kThreads);
+  }
+  __device__ __forceinline__ static void sync(int c) {
+    if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, kThreads);
+  }
+  __device__ __forceinline__ static void pass(int c) {
+    if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, kThreads);
+  }
+};
+
+}  // namespace gemma4x::attention
