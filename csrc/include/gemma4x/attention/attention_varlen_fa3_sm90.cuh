@@ -214,29 +214,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       online_softmax<kNT>(s, row_max, row_sum, rescale, p);
     };
     auto convert_p = [&]() { pack_p<kBf16, kNT>(pa, s); };
-    // Ping-pong (kDSplit == 1): consumer c issues its MMAs after bar.sync on its turn barrier and
-    // then hands the turn to the other one. Both walk the same key tiles, so their turn counts
-    // match; consumer 1 starts by handing the first turn to consumer 0 and skips its very last
-    // hand-over, which leaves both barriers balanced at exit.
+    // Ping-pong (kDSplit == 1): see MmaTurns.
     constexpr bool kPingPong = Cfg::kPingPong;
-    auto turn_sync = [&]() {
-      if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, Cfg::kConsumerThreads);
-    };
-    auto turn_pass = [&]() {
-      if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, Cfg::kConsumerThreads);
-    };
+    using Turns = MmaTurns<kPingPong, Cfg::kConsumerThreads>;
 
     if (n_first >= 0) {
-      if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, Cfg::kConsumerThreads);
+      Turns::start(c);
       mbarrier_wait_parity(bar_q, 0);
       if constexpr (Cfg::kQRegs) {
         load_q_frags<kBlockM>(qa, sQ_u, row_base + warp * 16 + (lane & 15), dh * kHDw, lane);
       }
       // Prologue: S(first).
       mbarrier_wait_parity(&k_full[0], 0);
-      turn_sync();
+      Turns::sync(c);
       issue_qk(0);
-      turn_pass();
+      Turns::pass(c);
       wgmma_wait<0>();
       fence_acc<kNT>(s);
       mbarrier_arrive(&k_empty[0]);
@@ -252,12 +244,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       while (nn >= 0) {
         const int st = it % kStages, st1 = (it + 1) % kStages;
         const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
-        turn_sync();
+        Turns::sync(c);
         mbarrier_wait_parity(&k_full[st1], ph1);
         issue_qk(st1);
         mbarrier_wait_parity(&v_full[st], ph);
         issue_pv(st);
-        turn_pass();
+        Turns::pass(c);
         wgmma_wait<1>();
         fence_acc<kNT>(s);
         mbarrier_arrive(&k_empty[st1]);
@@ -274,10 +266,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       // Last tile: O += P V alone; consumer 1 skips its last hand-over (see above).
       const int st = it % kStages;
-      turn_sync();
+      Turns::sync(c);
       mbarrier_wait_parity(&v_full[st], (it / kStages) & 1);
       issue_pv(st);
-      if (c == 0) turn_pass();
+      Turns::pass_last(c);
       wgmma_wait<0>();
       fence_acc<kOT>(acc_o);
       mbarrier_arrive(&v_empty[st]);

@@ -106,19 +106,28 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&qa)[kFrags][4], uint32_t
 }
 
 // Ping-pong of two consumers' MMA turns (kPingPong, else no-ops): consumer c issues its MMAs
-// after sync() on its turn barrier and then pass()es the turn to the other one. Both walk the same
-// key tiles, so their turn counts match; consumer 1 start()s by handing the first turn to
-// consumer 0 and skips its very last hand-over, which leaves both barriers balanced at exit.
+// after sync(c) on its turn barrier and then pass(c)es the turn to the other one. Both walk the
+// same key tiles, so their turn counts match; consumer 1 start()s by handing the first turn to
+// consumer 0 and skips its very last hand-over (pass_last), which leaves both barriers balanced
+// at exit. Static functions of c: a consumer index that is not otherwise used by the no-op forms
+// leaves the kernels' code as it was without them (checked in SASS).
 template <bool kPingPong, int kThreads>
 struct MmaTurns {
   __device__ __forceinline__ static void start(int c) {
-    if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, kThreads);
+    if constexpr (kPingPong) {
+      if (c == 1) named_bar_arrive(kBarTurn0, kThreads);
+    }
   }
   __device__ __forceinline__ static void sync(int c) {
     if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, kThreads);
   }
   __device__ __forceinline__ static void pass(int c) {
     if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, kThreads);
+  }
+  __device__ __forceinline__ static void pass_last(int c) {
+    if constexpr (kPingPong) {
+      if (c == 0) pass(c);
+    }
   }
 };
 
