@@ -286,13 +286,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     // ---- epilogue: O / l, rows < rows_valid, columns < d ----
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = row_sum[i];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      inv[i] = l > 0.f ? 1.f / l : 0.f;
-    }
+    row_inverse(row_sum, inv);
     T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

@@ -6,8 +6,9 @@
 // order of a wgmma m64nN accumulator): rows lane / 4 and lane / 4 + 8 of the warp's 16, n8 tile j
 // in s[j][0..3] (r = 0, 1 the first row, 2, 3 the second).
 //
-// Each kernel keeps its own epilogue (O / l and the store): moved in here, the same code changed
-// the kernels' register assignment (checked in SASS).
+// These are inlined into kernels tuned by reading their SASS; each one here left the kernels' SASS
+// as it was when the code was their own. The store of O stays in each kernel: as a shared
+// function it changed their register assignment.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -258,6 +259,18 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[kNT / 2][4], const float (
     pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
     pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
     pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
+  }
+}
+
+// 1 / l of this thread's two rows, the row sums reduced over the quad of lanes that share a row;
+// 0 for a row with no allowed key (its O is 0).
+__device__ __forceinline__ void row_inverse(const float (&row_sum)[2], float (&inv)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = row_sum[i];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    inv[i] = l > 0.f ? 1.f / l : 0.f;
   }
 }
 
