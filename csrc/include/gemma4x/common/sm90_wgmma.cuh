@@ -90,6 +90,21 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "   \
   "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
+// One wgmma.mma_async: "{ setp p = (SCALE_D != 0); wgmma.mma_async.<SHAPE>.f32.<ab>.<ab> D, OPS, p, ... }"
+// with ab = bf16 (kBf16) or f16; OUTS the accumulator operands, the rest the inputs.
+#define G4X_WGMMA(kBf16, SHAPE, D, OPS, SCALE_D, OUTS, ...)                                                       \
+  if constexpr (kBf16) {                                                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\nwgmma.mma_async.sync.aligned." SHAPE         \
+                 ".f32.bf16.bf16 " D ", " OPS ";\n}\n"                                                           \
+                 : OUTS                                                                                           \
+                 : __VA_ARGS__);                                                                                  \
+  } else {                                                                                                        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\nwgmma.mma_async.sync.aligned." SHAPE         \
+                 ".f32.f16.f16 " D ", " OPS ";\n}\n"                                                             \
+                 : OUTS                                                                                           \
+                 : __VA_ARGS__);                                                                                  \
+  }
+
 // Naming: wgmma_<ss|rs>_64x<n>[_tb]. ss: A and B from shared memory (descriptors), rs: A from
 // registers; both K-major unless _tb (B MN-major, "transposed"), which always accumulates.
 // `accumulate` = 0 overwrites acc (the first k16 step of a chain).
@@ -98,19 +113,8 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
+  G4X_WGMMA(kBf16, "m64n32k16", G4X_D16, "%16, %17, p, 1, 1, 0, 0", "%18", G4X_ACC16(acc), "l"(da), "l"(db),
+            "r"(accumulate));
 #endif
 }
 
@@ -118,19 +122,8 @@ __device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uin
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  }
+  G4X_WGMMA(kBf16, "m64n32k16", G4X_D16, "{%16, %17, %18, %19}, %20, p, 1, 1, 0", "%21", G4X_ACC16(acc), "r"(a[0]),
+            "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 #endif
 }
 
@@ -138,19 +131,8 @@ __device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_ss_64x64(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
+  G4X_WGMMA(kBf16, "m64n64k16", G4X_D32, "%32, %33, p, 1, 1, 0, 0", "%34", G4X_ACC32(acc), "l"(da), "l"(db),
+            "r"(accumulate));
 #endif
 }
 
@@ -158,19 +140,8 @@ __device__ __forceinline__ void wgmma_ss_64x64(float (*acc)[4], uint64_t da, uin
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_rs_64x64_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
+  G4X_WGMMA(kBf16, "m64n64k16", G4X_D32, "{%32, %33, %34, %35}, %36, p, 1, 1, 1", "1", G4X_ACC32(acc), "r"(a[0]),
+            "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 #endif
 }
 
@@ -178,19 +149,8 @@ __device__ __forceinline__ void wgmma_rs_64x64_tb(float (*acc)[4], const uint32_
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_rs_64x72_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 " G4X_D36 ", {%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"
-        : G4X_ACC36(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.f16.f16 " G4X_D36 ", {%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"
-        : G4X_ACC36(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
+  G4X_WGMMA(kBf16, "m64n72k16", G4X_D36, "{%36, %37, %38, %39}, %40, p, 1, 1, 1", "1", G4X_ACC36(acc), "r"(a[0]),
+            "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 #endif
 }
 
@@ -198,19 +158,8 @@ __device__ __forceinline__ void wgmma_rs_64x72_tb(float (*acc)[4], const uint32_
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_ss_64x128(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " G4X_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " G4X_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
+  G4X_WGMMA(kBf16, "m64n128k16", G4X_D64, "%64, %65, p, 1, 1, 0, 0", "%66", G4X_ACC64(acc), "l"(da), "l"(db),
+            "r"(accumulate));
 #endif
 }
 
@@ -218,19 +167,8 @@ __device__ __forceinline__ void wgmma_ss_64x128(float (*acc)[4], uint64_t da, ui
 template <bool kBf16>
 __device__ __forceinline__ void wgmma_rs_64x128(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " G4X_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " G4X_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  }
+  G4X_WGMMA(kBf16, "m64n128k16", G4X_D64, "{%64, %65, %66, %67}, %68, p, 1, 1, 0", "%69", G4X_ACC64(acc), "r"(a[0]),
+            "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 #endif
 }
 
