@@ -99,19 +99,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int64_t wl = p.window_left < 0 ? kBig : p.window_left;
   const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
 
-  if (threadIdx.x == 0) {
-    sm.init_barriers();
-    s_qbmin = INT_MAX;
-    s_qbmax = -1;
-  }
-  __syncthreads();
   int qbmin, qbmax;
-  summarise_query_blocks<false>(p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
+  fa3_start(sm, p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
 
   const KeyTileWalk<kBlockN> keys(p, qt, has_blocks, wl, wr, qbmin, qbmax);
   auto classify = [&](int n) { return keys.classify(n); };
   auto next_tile = [&](int n) { return keys.next(n); };
-  const int n_first = keys.n_hi >= 0 ? next_tile(keys.n_hi) : -1;
+  const int n_first = keys.first();
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {

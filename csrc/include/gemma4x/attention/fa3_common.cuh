@@ -62,6 +62,22 @@ struct Fa3Smem {
   }
 };
 
+// The CTA-wide start of a kernel with a query tile: thread 0 initialises the mbarriers and the
+// block-id summary's __shared__ minimum / maximum, the CTA synchronises, and every thread gets the
+// summary (summarise_query_blocks).
+template <class Cfg>
+__device__ __forceinline__ void fa3_start(const Fa3Smem<Cfg>& sm, const AttentionVarlenParams& p,
+                                          const VarlenTile& qt, bool has_blocks, int& s_qbmin, int& s_qbmax,
+                                          int& qbmin, int& qbmax) {
+  if (threadIdx.x == 0) {
+    sm.init_barriers();
+    s_qbmin = INT_MAX;
+    s_qbmax = -1;
+  }
+  __syncthreads();
+  summarise_query_blocks<false>(p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
+}
+
 // The producer (one thread): Q once, then K(n) and V(n) of every key tile the walk visits, the
 // it-th into stage it % kStages once the consumers released that stage's previous tile. Each tile
 // is kRegions TMA boxes of {64 columns, 1 head, rows}; kRegionUnroll: the unroll of that loop.
