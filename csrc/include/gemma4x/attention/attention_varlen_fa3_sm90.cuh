@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                 const __grid_constant__ CUtensorMap tm_v) {
   using T = typename Cfg::Element;
   constexpr bool kBf16 = MmaType<T>::kBf16;
-  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw, kStages = Cfg::kStages;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw;
   constexpr int kDSplit = Cfg::kDSplit;
   constexpr int kNT = kBlockN / 8;  // n8 tiles of S per warp
   constexpr int kOT = kHDw / 8;     // n8 tiles of O per warp
@@ -86,7 +86,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Fa3Smem<Cfg> sm(smem_raw);
   char *sQ = sm.sQ, *sK = sm.sK, *sV = sm.sV;
   float* sX = sm.sX;
-  uint64_t *bar_q = sm.bar_q, *k_full = sm.k_full, *k_empty = sm.k_empty, *v_full = sm.v_full, *v_empty = sm.v_empty;
   __shared__ int s_qbmin, s_qbmax;
 
   const int h = blockIdx.x;
@@ -103,8 +102,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   fa3_start(sm, p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
 
   const KeyTileWalk<kBlockN> keys(p, qt, has_blocks, wl, wr, qbmin, qbmax);
-  auto classify = [&](int n) { return keys.classify(n); };
-  auto next_tile = [&](int n) { return keys.next(n); };
   const int n_first = keys.first();
   const int wg = threadIdx.x / 128;
 
@@ -202,7 +199,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Mask (partial tiles) and online softmax of S(n): S becomes P (fp32), rescale[] the factor
     // for O, row_max / row_sum updated.
     auto softmax = [&](int n) {
-      if (classify(n) == TileClass::kPartial) {
+      if (keys.classify(n) == TileClass::kPartial) {
         mask_partial_tile<kNT, kBlockN>(s, p, qt, has_blocks, n, lane, qpos, qblk, wl32, wr32);
       }
       online_softmax<kNT>(s, row_max, row_sum, rescale, p);
@@ -214,59 +211,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     if (n_first >= 0) {
       Turns::start(c);
-      mbarrier_wait_parity(bar_q, 0);
+      mbarrier_wait_parity(sm.bar_q, 0);
       if constexpr (Cfg::kQRegs) {
         load_q_frags<kBlockM>(qa, sQ_u, row_base + warp * 16 + (lane & 15), dh * kHDw, lane);
       }
-      // Prologue: S(first).
-      mbarrier_wait_parity(&k_full[0], 0);
-      Turns::sync(c);
-      issue_qk(0);
-      Turns::pass(c);
-      wgmma_wait<0>();
-      fence_acc<kNT>(s);
-      mbarrier_arrive(&k_empty[0]);
-      exchange();
-      softmax(n_first);
-      convert_p();
-      // Steady state: S(nn) = Q K(nn)^T is issued before O += P(n) V(n); the softmax of S(nn)
-      // runs while P(n) V(n) is on the tensor cores. The loop body has no conditional MMA, so
-      // ptxas keeps the wgmma pipeline asynchronous.
-      int n = n_first, it = 0;
-      int nn = next_tile(n - 1);
-#pragma unroll 1
-      while (nn >= 0) {
-        const int st = it % kStages, st1 = (it + 1) % kStages;
-        const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
-        Turns::sync(c);
-        mbarrier_wait_parity(&k_full[st1], ph1);
-        issue_qk(st1);
-        mbarrier_wait_parity(&v_full[st], ph);
-        issue_pv(st);
-        Turns::pass(c);
-        wgmma_wait<1>();
-        fence_acc<kNT>(s);
-        mbarrier_arrive(&k_empty[st1]);
-        exchange();
-        softmax(nn);
-        wgmma_wait<0>();
-        fence_acc<kOT>(acc_o);
-        mbarrier_arrive(&v_empty[st]);
-        rescale_o<kOT>(acc_o, rescale);
-        convert_p();
-        n = nn;
-        ++it;
-        nn = next_tile(n - 1);
-      }
-      // Last tile: O += P V alone; consumer 1 skips its last hand-over (see above).
-      const int st = it % kStages;
-      Turns::sync(c);
-      mbarrier_wait_parity(&v_full[st], (it / kStages) & 1);
-      issue_pv(st);
-      Turns::pass_last(c);
-      wgmma_wait<0>();
-      fence_acc<kOT>(acc_o);
-      mbarrier_arrive(&v_empty[st]);
+      fa3_consume<Cfg, kPingPong>(sm, keys, n_first, c, s, acc_o, rescale, issue_qk, issue_pv, exchange, softmax,
+                                  [] {}, convert_p);
     }
 
     // ---- epilogue: O / l, rows < rows_valid, columns < d ----

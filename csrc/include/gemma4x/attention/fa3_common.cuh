@@ -147,4 +147,69 @@ struct MmaTurns {
   }
 };
 
+// The consumers' walk over the key tiles n_first, keys.next(n_first - 1), ..., the it-th in stage
+// it % kStages: S(first) alone, then per tile S(nn) = Q K(nn)^T issued before O += P(n) V(n), and
+// the softmax of S(nn) running while P(n) V(n) is on the tensor cores (wgmma.wait_group 1); last,
+// P(last) V(last) alone. The loop body has no conditional MMA, so ptxas keeps the wgmma pipeline
+// asynchronous. The kernel's parts: issue_qk(stage) / issue_pv(stage) issue (and commit) the
+// MMAs; after_s() runs once S is in registers (the d-split exchange), softmax(n) turns S(n) into P
+// and sets rescale, after_softmax() runs before the wait for P V, convert_p() packs P.
+template <class Cfg, bool kPingPong, int kNT, int kOT, class IssueQK, class IssuePV, class AfterS, class Softmax,
+          class AfterSoftmax, class ConvertP>
+__device__ __forceinline__ void fa3_consume(const Fa3Smem<Cfg>& sm, const KeyTileWalk<Cfg::kBlockN>& keys,
+                                            int n_first, int c, float (&s)[kNT][4], float (&acc_o)[kOT][4],
+                                            const float (&rescale)[2], IssueQK&& issue_qk, IssuePV&& issue_pv,
+                                            AfterS&& after_s, Softmax&& softmax, AfterSoftmax&& after_softmax,
+                                            ConvertP&& convert_p) {
+  constexpr int kStages = Cfg::kStages;
+  using Turns = MmaTurns<kPingPong, Cfg::kConsumerThreads>;
+  // Prologue: S(first).
+  mbarrier_wait_parity(&sm.k_full[0], 0);
+  Turns::sync(c);
+  issue_qk(0);
+  Turns::pass(c);
+  wgmma_wait<0>();
+  fence_acc<kNT>(s);
+  mbarrier_arrive(&sm.k_empty[0]);
+  after_s();
+  softmax(n_first);
+  convert_p();
+  int n = n_first, it = 0;
+  int nn = keys.next(n - 1);
+#pragma unroll 1
+  while (nn >= 0) {
+    const int st = it % kStages, st1 = (it + 1) % kStages;
+    const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
+    Turns::sync(c);
+    mbarrier_wait_parity(&sm.k_full[st1], ph1);
+    issue_qk(st1);
+    mbarrier_wait_parity(&sm.v_full[st], ph);
+    issue_pv(st);
+    Turns::pass(c);
+    wgmma_wait<1>();
+    fence_acc<kNT>(s);
+    mbarrier_arrive(&sm.k_empty[st1]);
+    after_s();
+    softmax(nn);
+    after_softmax();
+    wgmma_wait<0>();
+    fence_acc<kOT>(acc_o);
+    mbarrier_arrive(&sm.v_empty[st]);
+    rescale_o<kOT>(acc_o, rescale);
+    convert_p();
+    n = nn;
+    ++it;
+    nn = keys.next(n - 1);
+  }
+  // Last tile: O += P V alone; consumer 1 skips its last hand-over (MmaTurns).
+  const int st = it % kStages;
+  Turns::sync(c);
+  mbarrier_wait_parity(&sm.v_full[st], (it / kStages) & 1);
+  issue_pv(st);
+  Turns::pass_last(c);
+  wgmma_wait<0>();
+  fence_acc<kOT>(acc_o);
+  mbarrier_arrive(&sm.v_empty[st]);
+}
+
 }  // namespace gemma4x::attention
