@@ -5,6 +5,7 @@
 #include <string>
 
 #include "attention.h"
+#include "fa3_launch.cuh"
 #include "gemma4x/attention/attention_varlen_fa3_sm90.cuh"
 #include "gemma4x/common/check.h"
 
@@ -68,50 +69,29 @@ using Fa3Cfg256 = Fa3Config<T, 256, 64, 2, 1, 0, !kAlt>;
 template <typename T, bool kAlt>
 using Fa3Cfg512 = Fa3Config<T, 512, 32, 2, 2, kAlt ? 0 : 6>;
 
-template <class Cfg>
-void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
-  constexpr bool kBf16 = MmaType<typename Cfg::Element>::kBf16;
-  const CUtensorMap tq = make_attention_tensor_map("q", p.q, kBf16, p.head_dim, p.num_heads, p.total_q,
-                                                   p.q_row_stride, p.q_head_stride, Cfg::kBlockM);
-  const CUtensorMap tk = make_attention_tensor_map("k", p.k, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
-                                                   p.k_row_stride, p.k_head_stride, Cfg::kBlockN);
-  const CUtensorMap tv = make_attention_tensor_map("v", p.v, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
-                                                   p.v_row_stride, p.v_head_stride, Cfg::kBlockN);
-  auto kernel = attention_varlen_fa3_kernel<Cfg>;
-  static bool configured = false;  // the attribute is per function; set it once
-  if (!configured) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-               "cudaFuncSetAttribute(attention_varlen_fa3)");
-    configured = true;
-  }
-  const dim3 grid(p.num_heads, p.tiles_bound);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, tq, tk, tv);
-  check_launch("attention_varlen_fa3_kernel");
-}
+struct Fa3Family {
+  static constexpr const char* kName = "attention_varlen_fa3_kernel";
+  template <class Cfg>
+  static constexpr auto kernel = attention_varlen_fa3_kernel<Cfg>;
 
-template <typename T, typename F>
-bool with_fa3_config(int head_dim, int variant, F&& f) {
-  const bool alt = variant & 2;
-  switch (head_dim) {
-    case 256: alt ? f(Fa3Cfg256<T, true>{}) : f(Fa3Cfg256<T, false>{}); return true;
-    case 512: alt ? f(Fa3Cfg512<T, true>{}) : f(Fa3Cfg512<T, false>{}); return true;
-    default: return false;
+  template <typename T, typename F>
+  static bool with_config(int head_dim, int variant, F&& f) {
+    const bool alt = variant & 2;
+    switch (head_dim) {
+      case 256: alt ? f(Fa3Cfg256<T, true>{}) : f(Fa3Cfg256<T, false>{}); return true;
+      case 512: alt ? f(Fa3Cfg512<T, true>{}) : f(Fa3Cfg512<T, false>{}); return true;
+      default: return false;
+    }
   }
-}
+};
 
 }  // namespace
 
-int attention_varlen_fa3_block_m(int head_dim, int variant) {
-  int block_m = 0;
-  with_fa3_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
-  return block_m;
-}
+int attention_varlen_fa3_block_m(int head_dim, int variant) { return fa3_block_m<Fa3Family>(head_dim, variant); }
 
 void attention_varlen_fa3(const AttentionVarlenParams& p, DType dtype, int variant, cudaStream_t stream) {
-  auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
-  const bool ok = dtype == DType::kBFloat16 ? with_fa3_config<__nv_bfloat16>(p.head_dim, variant, run)
-                                            : with_fa3_config<__half>(p.head_dim, variant, run);
-  GEMMA4X_CHECK_ARG(ok, kOp, ": head_dim must be 256 or 512, got ", p.head_dim);
+  GEMMA4X_CHECK_ARG(fa3_launch<Fa3Family>(p, dtype, variant, stream), kOp, ": head_dim must be 256 or 512, got ",
+                    p.head_dim);
 }
 
 }  // namespace gemma4x::attention

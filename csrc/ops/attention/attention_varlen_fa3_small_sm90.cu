@@ -2,9 +2,8 @@
 // (attention_varlen_fa3_small_sm90.cuh): builds the TMA tensor maps of q, k, v over the real head
 // dim (72 is padded by the TMA unit's out-of-bounds zero fill, in shared memory only) and launches.
 // attention_varlen() has validated p already.
-#include <string>
-
 #include "attention.h"
+#include "fa3_launch.cuh"
 #include "gemma4x/attention/attention_varlen_fa3_small_sm90.cuh"
 #include "gemma4x/common/check.h"
 
@@ -31,62 +30,43 @@ using SmallCfgOvl = Fa3SmallConfig<T, D, 2, 2, true, false, true>;
 template <typename T, int D>
 using SmallCfg192 = Fa3SmallConfig<T, D, 2, 3, false, false, false>;
 
-template <class Cfg>
-void launch(const AttentionVarlenParams& p, cudaStream_t stream) {
-  constexpr bool kBf16 = MmaType<typename Cfg::Element>::kBf16;
-  const CUtensorMap tq = make_attention_tensor_map("q", p.q, kBf16, p.head_dim, p.num_heads, p.total_q,
-                                                   p.q_row_stride, p.q_head_stride, Cfg::kBlockM);
-  const CUtensorMap tk = make_attention_tensor_map("k", p.k, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
-                                                   p.k_row_stride, p.k_head_stride, Cfg::kBlockN);
-  const CUtensorMap tv = make_attention_tensor_map("v", p.v, kBf16, p.head_dim, p.num_kv_heads, p.total_k,
-                                                   p.v_row_stride, p.v_head_stride, Cfg::kBlockN);
-  auto kernel = attention_varlen_fa3_small_kernel<Cfg>;
-  static bool configured = false;  // the attribute is per function; set it once
-  if (!configured) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-               "cudaFuncSetAttribute(attention_varlen_fa3_small)");
-    configured = true;
-  }
-  const dim3 grid(p.num_heads, p.tiles_bound);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, tq, tk, tv);
-  check_launch("attention_varlen_fa3_small_kernel");
-}
+struct Fa3SmallFamily {
+  static constexpr const char* kName = "attention_varlen_fa3_small_kernel";
+  template <class Cfg>
+  static constexpr auto kernel = attention_varlen_fa3_small_kernel<Cfg>;
 
-template <typename T, int D, typename F>
-void with_d(int variant, F&& f) {
-  if (variant & 8) {
-    f(SmallCfg192<T, D>{});
-  } else if ((variant & 3) == 1) {
-    f(SmallCfgOvl<T, D>{});
-  } else if ((variant & 3) == 2) {
-    f(SmallCfgAlt<T, D>{});
-  } else {
-    f(SmallCfg<T, D>{});
+  template <typename T, int D, typename F>
+  static void with_d(int variant, F&& f) {
+    if (variant & 8) {
+      f(SmallCfg192<T, D>{});
+    } else if ((variant & 3) == 1) {
+      f(SmallCfgOvl<T, D>{});
+    } else if ((variant & 3) == 2) {
+      f(SmallCfgAlt<T, D>{});
+    } else {
+      f(SmallCfg<T, D>{});
+    }
   }
-}
 
-template <typename T, typename F>
-bool with_small_config(int head_dim, int variant, F&& f) {
-  switch (head_dim) {
-    case 64: with_d<T, 64>(variant, f); return true;
-    case 72: with_d<T, 72>(variant, f); return true;
-    default: return false;
+  template <typename T, typename F>
+  static bool with_config(int head_dim, int variant, F&& f) {
+    switch (head_dim) {
+      case 64: with_d<T, 64>(variant, f); return true;
+      case 72: with_d<T, 72>(variant, f); return true;
+      default: return false;
+    }
   }
-}
+};
 
 }  // namespace
 
 int attention_varlen_fa3_small_block_m(int head_dim, int variant) {
-  int block_m = 0;
-  with_small_config<__nv_bfloat16>(head_dim, variant, [&](auto cfg) { block_m = decltype(cfg)::kBlockM; });
-  return block_m;
+  return fa3_block_m<Fa3SmallFamily>(head_dim, variant);
 }
 
 void attention_varlen_fa3_small(const AttentionVarlenParams& p, DType dtype, int variant, cudaStream_t stream) {
-  auto run = [&](auto cfg) { launch<decltype(cfg)>(p, stream); };
-  const bool ok = dtype == DType::kBFloat16 ? with_small_config<__nv_bfloat16>(p.head_dim, variant, run)
-                                            : with_small_config<__half>(p.head_dim, variant, run);
-  GEMMA4X_CHECK_ARG(ok, kOp, ": head_dim must be 64 or 72, got ", p.head_dim);
+  GEMMA4X_CHECK_ARG(fa3_launch<Fa3SmallFamily>(p, dtype, variant, stream), kOp, ": head_dim must be 64 or 72, got ",
+                    p.head_dim);
 }
 
 }  // namespace gemma4x::attention

@@ -28,8 +28,7 @@
 
 #include <cuda.h>  // CUtensorMap
 
-#include "gemma4x/attention/attention_varlen_sm90.cuh"
-#include "gemma4x/common/bulk_copy.cuh"
+#include "gemma4x/attention/fa3_common.cuh"
 
 namespace gemma4x::attention {
 
@@ -70,100 +69,6 @@ struct Fa3Config {
   static_assert(!kQRegs || (kBlockN == 32 && kQRegFrags <= kHDw / 16), "Q fragments beside O, S and P");
 };
 
-// Named barriers (0 is __syncthreads): the consumers' MMA turns, and the partial-S exchange.
-constexpr int kBarTurn0 = 1, kBarTurn1 = 2, kBarXchg0 = 3, kBarXchg1 = 4;
-
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Pins accumulator registers at this point of the program: reads after a wgmma.wait_group and
-// writes before a wgmma issue cannot be moved across it by the compiler.
-template <int kN>
-__device__ __forceinline__ void fence_acc(float (*a)[4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(a[j][r])::"memory");
-}
-
-// 3-D TMA load: box {64 columns, 1 head, rows} at (col, head, row) into `dst`, completing on `bar`.
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int head,
-                                            int row) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
-      "[%5];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(smem_addr(bar))
-      : "memory");
-}
-
-#define G4X_ACC16(a)                                                                                           \
-  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),   \
-      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
-      "+f"(a[3][2]), "+f"(a[3][3])
-#define G4X_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-
-// acc[64 x 32] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_64x32(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 32] (+)= A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, K-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x32(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " G4X_D16 ", {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : G4X_ACC16(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     attention_varlen_fa3_kernel(const __grid_constant__ AttentionVarlenParams p,
@@ -171,124 +76,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                 const __grid_constant__ CUtensorMap tm_v) {
   using T = typename Cfg::Element;
   constexpr bool kBf16 = MmaType<T>::kBf16;
-  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw, kStages = Cfg::kStages;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHDw = Cfg::kHDw;
   constexpr int kDSplit = Cfg::kDSplit;
   constexpr int kNT = kBlockN / 8;  // n8 tiles of S per warp
   constexpr int kOT = kHDw / 8;     // n8 tiles of O per warp
   constexpr int64_t kBig = 1LL << 40;
 
   extern __shared__ char smem_raw[];
-  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  char* sQ = base;
-  char* sK = sQ + Cfg::kQBytes;
-  char* sV = sK + kStages * Cfg::kKVBytes;
-  float* sX = reinterpret_cast<float*>(sV + kStages * Cfg::kKVBytes);
-  uint64_t* bar_q = reinterpret_cast<uint64_t*>(base + Cfg::kBarOffset);
-  uint64_t* k_full = bar_q + 1;
-  uint64_t* k_empty = k_full + kStages;
-  uint64_t* v_full = k_empty + kStages;
-  uint64_t* v_empty = v_full + kStages;
+  const Fa3Smem<Cfg> sm(smem_raw);
+  char *sQ = sm.sQ, *sK = sm.sK, *sV = sm.sV;
+  float* sX = sm.sX;
   __shared__ int s_qbmin, s_qbmax;
 
   const int h = blockIdx.x;
   const int tile = blockIdx.y;
   if (tile >= p.tile_cum[p.batch]) return;
-  int lo = 0, hi = p.batch;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (p.tile_cum[mid] <= tile) lo = mid; else hi = mid;
-  }
-  const int b = lo;
-  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
-  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
-  const int n_m = (Lq + kBlockM - 1) / kBlockM;
-  const int m_block = n_m - 1 - (tile - p.tile_cum[b]);  // heaviest (last) causal tiles first
-  const int m0 = m_block * kBlockM;
-  const int rows_valid = min(kBlockM, Lq - m0);
-  const int64_t off = static_cast<int64_t>(Lk) - Lq;
+  const VarlenTile qt = locate_varlen_tile<kBlockM>(p, tile);
+  const int q_start = qt.q_start, k_start = qt.k_start, m0 = qt.m0, rows_valid = qt.rows_valid;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const bool has_blocks = p.q_block != nullptr;
   const int64_t wl = p.window_left < 0 ? kBig : p.window_left;
   const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
 
-  if (threadIdx.x == 0) {
-    mbarrier_init(bar_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&k_full[s], 1);
-      mbarrier_init(&v_full[s], 1);
-      mbarrier_init(&k_empty[s], Cfg::kConsumerThreads);
-      mbarrier_init(&v_empty[s], Cfg::kConsumerThreads);
-    }
-    fence_barrier_init();
-    s_qbmin = INT_MAX;
-    s_qbmax = -1;
-  }
-  __syncthreads();
-  if (has_blocks) {
-    if (threadIdx.x < rows_valid) {
-      const int id = p.q_block[q_start + m0 + threadIdx.x];
-      if (id >= 0) { atomicMin(&s_qbmin, id); atomicMax(&s_qbmax, id); }
-    }
-    __syncthreads();
-  }
-  const int qbmin = has_blocks ? s_qbmin : INT_MAX;
-  const int qbmax = has_blocks ? s_qbmax : -1;
+  int qbmin, qbmax;
+  fa3_start(sm, p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
 
-  const int64_t p_lo = m0 + off, p_hi = m0 + rows_valid - 1 + off;
-  const bool blocks_right = has_blocks && qbmax >= 0;
-  const bool blocks_left = blocks_right && p.unified;
-  const int64_t s_max = blocks_right ? Lk - 1 : imin64(Lk - 1, p_hi + wr);
-  const int64_t s_min = blocks_left ? 0 : imax64(0, p_lo - wl);
-  const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
-  const int n_lo = static_cast<int>(s_min / kBlockN);
-
-  const QueryTileSummary tile_q{p_lo, p_hi, wl, wr, qbmin, qbmax, p.unified};
-  auto classify = [&](int n) -> int {
-    const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
-    const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
-    bool overlap = false;
-    if (blocks_right) {
-      const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
-      const int c1 = (k_start + static_cast<int>(s1)) / kKeyTile;
-      const int kmin = min(p.kb_min[c0], p.kb_min[c1]);
-      const int kmax = max(p.kb_max[c0], p.kb_max[c1]);
-      overlap = kmin <= qbmax && qbmin <= kmax;
-    }
-    return classify_key_tile(tile_q, s0, s1, s0 + kBlockN <= Lk, overlap);
-  };
-  auto next_tile = [&](int n) -> int {
-    for (; n >= n_lo; --n)
-      if (classify(n) != TileClass::kSkip) return n;
-    return -1;
-  };
-  const int n_first = n_hi >= 0 ? next_tile(n_hi) : -1;
+  const KeyTileWalk<kBlockN> keys(p, qt, has_blocks, wl, wr, qbmin, qbmax);
+  const int n_first = keys.first();
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {
     // ---------------- producer ----------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (threadIdx.x == 0 && n_first >= 0) {
-      constexpr int kRegions = Cfg::HD / 64;
-      mbarrier_arrive_expect_tx(bar_q, Cfg::kQBytes);
-#pragma unroll 1
-      for (int r = 0; r < kRegions; ++r) tma_load_3d(sQ + r * kBlockM * 128, &tm_q, bar_q, r * 64, h, q_start + m0);
-      int it = 0;
-#pragma unroll 1
-      for (int n = n_first; n >= 0; n = next_tile(n - 1), ++it) {
-        const int s = it % kStages;
-        const uint32_t ph = (it / kStages) & 1;
-        const int row = k_start + n * kBlockN;
-        mbarrier_wait_parity(&k_empty[s], ph ^ 1);
-        mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes);
-        char* dk = sK + s * Cfg::kKVBytes;
-#pragma unroll 1
-        for (int r = 0; r < kRegions; ++r) tma_load_3d(dk + r * kBlockN * 128, &tm_k, &k_full[s], r * 64, kvh, row);
-        mbarrier_wait_parity(&v_empty[s], ph ^ 1);
-        mbarrier_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
-        char* dv = sV + s * Cfg::kKVBytes;
-#pragma unroll 1
-        for (int r = 0; r < kRegions; ++r) tma_load_3d(dv + r * kBlockN * 128, &tm_v, &v_full[s], r * 64, kvh, row);
-      }
+      fa3_produce<Cfg, Cfg::HD / 64, 1>(sm, keys, n_first, tm_q, tm_k, tm_v, h, kvh, q_start + m0, k_start);
     }
   } else {
     // ---------------- consumers ----------------
@@ -304,12 +125,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     int qblk[2];
     const int wl32 = p.window_left < 0 ? INT_MAX : p.window_left;
     const int wr32 = p.window_right < 0 ? INT_MAX : p.window_right;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = r_loc0 + 8 * i;
-      qpos[i] = m0 + r + static_cast<int>(off);
-      qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
-    }
+    query_rows(p, qt, has_blocks, r_loc0, qpos, qblk);
 
     float acc_o[kOT][4];
 #pragma unroll
@@ -383,149 +199,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Mask (partial tiles) and online softmax of S(n): S becomes P (fp32), rescale[] the factor
     // for O, row_max / row_sum updated.
     auto softmax = [&](int n) {
-      if (classify(n) == TileClass::kPartial) {
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-          for (int cc = 0; cc < 2; ++cc) {
-            const int kj = n * kBlockN + j * 8 + 2 * (lane & 3) + cc;
-            const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int dpos = qpos[i] - kj;
-              const bool left = dpos <= wl32;
-              const bool right = -dpos <= wr32;
-              const bool same = kb >= 0 && kb == qblk[i];
-              const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
-              if (!ok) s[j][2 * i + cc] = -INFINITY;
-            }
-          }
-        }
+      if (keys.classify(n) == TileClass::kPartial) {
+        mask_partial_tile<kNT, kBlockN>(s, p, qt, has_blocks, n, lane, qpos, qblk, wl32, wr32);
       }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = row_max[i];
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_use = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-        rescale[i] = row_max[i] == -INFINITY ? 0.f : fast_exp2(row_max[i] * p.scale_log2 - m_use);
-        row_max[i] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-          for (int cc = 0; cc < 2; ++cc) {
-            const float x = s[j][2 * i + cc];
-            const float e = x == -INFINITY ? 0.f : fast_exp2(fmaf(x, p.scale_log2, -m_use));
-            s[j][2 * i + cc] = e;
-            sum += e;
-          }
-        }
-        row_sum[i] = row_sum[i] * rescale[i] + sum;
-      }
+      online_softmax<kNT>(s, row_max, row_sum, rescale, p);
     };
-    auto convert_p = [&]() {
-#pragma unroll
-      for (int t = 0; t < kNT / 2; ++t) {
-        pa[t][0] = pack2<kBf16>(s[2 * t][0], s[2 * t][1]);
-        pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
-        pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
-        pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
-      }
-    };
-    // Ping-pong (kDSplit == 1): consumer c issues its MMAs after bar.sync on its turn barrier and
-    // then hands the turn to the other one. Both walk the same key tiles, so their turn counts
-    // match; consumer 1 starts by handing the first turn to consumer 0 and skips its very last
-    // hand-over, which leaves both barriers balanced at exit.
+    auto convert_p = [&]() { pack_p<kBf16, kNT>(pa, s); };
+    // Ping-pong (kDSplit == 1): see MmaTurns.
     constexpr bool kPingPong = Cfg::kPingPong;
-    auto turn_sync = [&]() {
-      if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, Cfg::kConsumerThreads);
-    };
-    auto turn_pass = [&]() {
-      if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, Cfg::kConsumerThreads);
-    };
+    using Turns = MmaTurns<kPingPong, Cfg::kConsumerThreads>;
 
     if (n_first >= 0) {
-      if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, Cfg::kConsumerThreads);
-      mbarrier_wait_parity(bar_q, 0);
+      Turns::start(c);
+      mbarrier_wait_parity(sm.bar_q, 0);
       if constexpr (Cfg::kQRegs) {
-        // ldmatrix x4 of rows (lane & 15), 16-byte chunks (lane >> 4) of each k16 slice (the
-        // swizzled layout: chunk c of row r at c ^ (r % 8) inside the row's 128 bytes).
-        const int row = row_base + warp * 16 + (lane & 15);
-#pragma unroll
-        for (int ks = 0; ks < kQFrags; ++ks) {
-          const int chunk = (dh * kHDw + ks * 16) / 8 + (lane >> 4);
-          const uint32_t addr =
-              sQ_u + (chunk >> 3) * kBlockM * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-          ldmatrix_x4(addr, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3]);
-        }
+        load_q_frags<kBlockM>(qa, sQ_u, row_base + warp * 16 + (lane & 15), dh * kHDw, lane);
       }
-      // Prologue: S(first).
-      mbarrier_wait_parity(&k_full[0], 0);
-      turn_sync();
-      issue_qk(0);
-      turn_pass();
-      wgmma_wait<0>();
-      fence_acc<kNT>(s);
-      mbarrier_arrive(&k_empty[0]);
-      exchange();
-      softmax(n_first);
-      convert_p();
-      // Steady state: S(nn) = Q K(nn)^T is issued before O += P(n) V(n); the softmax of S(nn)
-      // runs while P(n) V(n) is on the tensor cores. The loop body has no conditional MMA, so
-      // ptxas keeps the wgmma pipeline asynchronous.
-      int n = n_first, it = 0;
-      int nn = next_tile(n - 1);
-#pragma unroll 1
-      while (nn >= 0) {
-        const int st = it % kStages, st1 = (it + 1) % kStages;
-        const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
-        turn_sync();
-        mbarrier_wait_parity(&k_full[st1], ph1);
-        issue_qk(st1);
-        mbarrier_wait_parity(&v_full[st], ph);
-        issue_pv(st);
-        turn_pass();
-        wgmma_wait<1>();
-        fence_acc<kNT>(s);
-        mbarrier_arrive(&k_empty[st1]);
-        exchange();
-        softmax(nn);
-        wgmma_wait<0>();
-        fence_acc<kOT>(acc_o);
-        mbarrier_arrive(&v_empty[st]);
-#pragma unroll
-        for (int j = 0; j < kOT; ++j) {
-          acc_o[j][0] *= rescale[0]; acc_o[j][1] *= rescale[0];
-          acc_o[j][2] *= rescale[1]; acc_o[j][3] *= rescale[1];
-        }
-        convert_p();
-        n = nn;
-        ++it;
-        nn = next_tile(n - 1);
-      }
-      // Last tile: O += P V alone; consumer 1 skips its last hand-over (see above).
-      const int st = it % kStages;
-      turn_sync();
-      mbarrier_wait_parity(&v_full[st], (it / kStages) & 1);
-      issue_pv(st);
-      if (c == 0) turn_pass();
-      wgmma_wait<0>();
-      fence_acc<kOT>(acc_o);
-      mbarrier_arrive(&v_empty[st]);
+      fa3_consume<Cfg, kPingPong>(sm, keys, n_first, c, s, acc_o, rescale, issue_qk, issue_pv, exchange, softmax,
+                                  [] {}, convert_p);
     }
 
     // ---- epilogue: O / l, rows < rows_valid, columns < d ----
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = row_sum[i];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      inv[i] = l > 0.f ? 1.f / l : 0.f;
-    }
+    row_inverse(row_sum, inv);
     T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

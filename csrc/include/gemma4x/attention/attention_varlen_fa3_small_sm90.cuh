@@ -26,7 +26,7 @@
 // (64-key chunks) are combined over the two or three chunks a 128-key tile touches.
 #pragma once
 
-#include "gemma4x/attention/attention_varlen_fa3_sm90.cuh"
+#include "gemma4x/attention/fa3_common.cuh"
 
 namespace gemma4x::attention {
 
@@ -69,76 +69,6 @@ struct Fa3SmallConfig {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
-#define G4X_ACC64(a) G4X_ACC32(a), G4X_ACC32((a + 8))
-#define G4X_ACC36(a) G4X_ACC32(a), "+f"(a[8][0]), "+f"(a[8][1]), "+f"(a[8][2]), "+f"(a[8][3])
-#define G4X_D64                                                                                                     \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "   \
-  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define G4X_D36                                                                                                     \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35}"
-
-// acc[64 x 128] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_64x128(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " G4X_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " G4X_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 128] (+)= A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, K-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x128(float (*acc)[4], const uint32_t (&a)[4], uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " G4X_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " G4X_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : G4X_ACC64(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 72] += A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, MN-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x72_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 " G4X_D36 ", {%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"
-        : G4X_ACC36(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.f16.f16 " G4X_D36 ", {%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"
-        : G4X_ACC36(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
-#endif
-}
-
 // Pins two pairs of fp32 registers at this point of the program (see fence_acc).
 __device__ __forceinline__ void fence_scalars(float (&a)[2], float (&b)[2]) {
   asm volatile("" : "+f"(a[0]), "+f"(a[1]), "+f"(b[0]), "+f"(b[1])::"memory");
@@ -152,126 +82,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                       const __grid_constant__ CUtensorMap tm_v) {
   using T = typename Cfg::Element;
   constexpr bool kBf16 = MmaType<T>::kBf16;
-  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
   constexpr int kRegions = Cfg::kRegions;
   constexpr int kNT = kBlockN / 8;  // n8 tiles of S per warp
   constexpr int kOT = Cfg::kOT;     // n8 tiles of O per warp
   constexpr int64_t kBig = 1LL << 40;
 
   extern __shared__ char smem_raw[];
-  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  char* sQ = base;
-  char* sK = sQ + Cfg::kQBytes;
-  char* sV = sK + kStages * Cfg::kKVBytes;
-  uint64_t* bar_q = reinterpret_cast<uint64_t*>(base + Cfg::kBarOffset);
-  uint64_t* k_full = bar_q + 1;
-  uint64_t* k_empty = k_full + kStages;
-  uint64_t* v_full = k_empty + kStages;
-  uint64_t* v_empty = v_full + kStages;
+  const Fa3Smem<Cfg> sm(smem_raw);
+  char *sQ = sm.sQ, *sK = sm.sK, *sV = sm.sV;
   __shared__ int s_qbmin, s_qbmax;
 
   const int h = blockIdx.x;
   const int tile = blockIdx.y;
   if (tile >= p.tile_cum[p.batch]) return;
-  int lo = 0, hi = p.batch;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (p.tile_cum[mid] <= tile) lo = mid; else hi = mid;
-  }
-  const int b = lo;
-  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
-  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
-  const int n_m = (Lq + kBlockM - 1) / kBlockM;
-  const int m_block = n_m - 1 - (tile - p.tile_cum[b]);  // heaviest (last) causal tiles first
-  const int m0 = m_block * kBlockM;
-  const int rows_valid = min(kBlockM, Lq - m0);
-  const int64_t off = static_cast<int64_t>(Lk) - Lq;
+  const VarlenTile qt = locate_varlen_tile<kBlockM>(p, tile);
+  const int q_start = qt.q_start, k_start = qt.k_start, m0 = qt.m0, rows_valid = qt.rows_valid;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const bool has_blocks = p.q_block != nullptr;
   const int64_t wl = p.window_left < 0 ? kBig : p.window_left;
   const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
 
-  if (threadIdx.x == 0) {
-    mbarrier_init(bar_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&k_full[s], 1);
-      mbarrier_init(&v_full[s], 1);
-      mbarrier_init(&k_empty[s], Cfg::kConsumerThreads);
-      mbarrier_init(&v_empty[s], Cfg::kConsumerThreads);
-    }
-    fence_barrier_init();
-    s_qbmin = INT_MAX;
-    s_qbmax = -1;
-  }
-  __syncthreads();
-  if (has_blocks) {
-    if (threadIdx.x < rows_valid) {
-      const int id = p.q_block[q_start + m0 + threadIdx.x];
-      if (id >= 0) { atomicMin(&s_qbmin, id); atomicMax(&s_qbmax, id); }
-    }
-    __syncthreads();
-  }
-  const int qbmin = has_blocks ? s_qbmin : INT_MAX;
-  const int qbmax = has_blocks ? s_qbmax : -1;
+  int qbmin, qbmax;
+  fa3_start(sm, p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
 
-  const int64_t p_lo = m0 + off, p_hi = m0 + rows_valid - 1 + off;
-  const bool blocks_right = has_blocks && qbmax >= 0;
-  const bool blocks_left = blocks_right && p.unified;
-  const int64_t s_max = blocks_right ? Lk - 1 : imin64(Lk - 1, p_hi + wr);
-  const int64_t s_min = blocks_left ? 0 : imax64(0, p_lo - wl);
-  const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
-  const int n_lo = static_cast<int>(s_min / kBlockN);
-
-  const QueryTileSummary tile_q{p_lo, p_hi, wl, wr, qbmin, qbmax, p.unified != 0};
-  auto classify = [&](int n) -> int {
-    const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
-    const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
-    bool overlap = false;
-    if (blocks_right) {
-      // The 64-key summary chunks of packed keys k_start + s0 .. k_start + s1 (two or three).
-      const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
-      const int c1 = (k_start + static_cast<int>(s1)) / kKeyTile;
-      int kmin = INT_MAX, kmax = -1;
-      for (int cc = c0; cc <= c1; ++cc) {
-        kmin = min(kmin, p.kb_min[cc]);
-        kmax = max(kmax, p.kb_max[cc]);
-      }
-      overlap = kmin <= qbmax && qbmin <= kmax;
-    }
-    return classify_key_tile(tile_q, s0, s1, s0 + kBlockN <= Lk, overlap);
-  };
-  auto next_tile = [&](int n) -> int {
-    for (; n >= n_lo; --n)
-      if (classify(n) != TileClass::kSkip) return n;
-    return -1;
-  };
-  const int n_first = n_hi >= 0 ? next_tile(n_hi) : -1;
+  const KeyTileWalk<kBlockN> keys(p, qt, has_blocks, wl, wr, qbmin, qbmax);
+  const int n_first = keys.first();
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {
     // ---------------- producer ----------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (threadIdx.x == 0 && n_first >= 0) {
-      mbarrier_arrive_expect_tx(bar_q, Cfg::kQBytes);
-#pragma unroll
-      for (int r = 0; r < kRegions; ++r) tma_load_3d(sQ + r * kBlockM * 128, &tm_q, bar_q, r * 64, h, q_start + m0);
-      int it = 0;
-#pragma unroll 1
-      for (int n = n_first; n >= 0; n = next_tile(n - 1), ++it) {
-        const int s = it % kStages;
-        const uint32_t ph = (it / kStages) & 1;
-        const int row = k_start + n * kBlockN;
-        mbarrier_wait_parity(&k_empty[s], ph ^ 1);
-        mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes);
-        char* dk = sK + s * Cfg::kKVBytes;
-#pragma unroll
-        for (int r = 0; r < kRegions; ++r) tma_load_3d(dk + r * kBlockN * 128, &tm_k, &k_full[s], r * 64, kvh, row);
-        mbarrier_wait_parity(&v_empty[s], ph ^ 1);
-        mbarrier_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
-        char* dv = sV + s * Cfg::kKVBytes;
-#pragma unroll
-        for (int r = 0; r < kRegions; ++r) tma_load_3d(dv + r * kBlockN * 128, &tm_v, &v_full[s], r * 64, kvh, row);
-      }
+      fa3_produce<Cfg, kRegions, kRegions>(sm, keys, n_first, tm_q, tm_k, tm_v, h, kvh, q_start + m0, k_start);
     }
   } else {
     // ---------------- consumers ----------------
@@ -286,12 +129,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     int qblk[2];
     const int wl32 = p.window_left < 0 ? INT_MAX : p.window_left;
     const int wr32 = p.window_right < 0 ? INT_MAX : p.window_right;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = r_loc0 + 8 * i;
-      qpos[i] = m0 + r + static_cast<int>(off);
-      qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
-    }
+    query_rows(p, qt, has_blocks, r_loc0, qpos, qblk);
 
     float acc_o[kOT][4];
 #pragma unroll
@@ -346,24 +184,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // for O, row_max / row_sum updated. exp2(-inf) is +0 (ex2.approx), so masked scores need no
     // select after the exponential.
     auto softmax = [&](int n) {
-      if (classify(n) == TileClass::kPartial) {
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-          for (int cc = 0; cc < 2; ++cc) {
-            const int kj = n * kBlockN + j * 8 + 2 * (lane & 3) + cc;
-            const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int dpos = qpos[i] - kj;
-              const bool left = dpos <= wl32;
-              const bool right = -dpos <= wr32;
-              const bool same = kb >= 0 && kb == qblk[i];
-              const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
-              if (!ok) s[j][2 * i + cc] = -INFINITY;
-            }
-          }
-        }
+      if (keys.classify(n) == TileClass::kPartial) {
+        mask_partial_tile<kNT, kBlockN>(s, p, qt, has_blocks, n, lane, qpos, qblk, wl32, wr32);
       }
       float m_use[2];
 #pragma unroll
@@ -389,105 +211,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 2; ++i) row_sum[i] = row_sum[i] * rescale[i] + sum[i];
     };
-    auto convert_p = [&]() {
-#pragma unroll
-      for (int t = 0; t < kNT / 2; ++t) {
-        pa[t][0] = pack2<kBf16>(s[2 * t][0], s[2 * t][1]);
-        pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
-        pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
-        pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
-      }
-    };
-    // Ping-pong (two consumers): as in attention_varlen_fa3_kernel.
+    auto convert_p = [&]() { pack_p<kBf16, kNT>(pa, s); };
+    // Ping-pong (two consumers): see MmaTurns.
     constexpr bool kPingPong = Cfg::kPingPong;
-    auto turn_sync = [&]() {
-      if constexpr (kPingPong) named_bar_sync(c == 0 ? kBarTurn0 : kBarTurn1, Cfg::kConsumerThreads);
-    };
-    auto turn_pass = [&]() {
-      if constexpr (kPingPong) named_bar_arrive(c == 0 ? kBarTurn1 : kBarTurn0, Cfg::kConsumerThreads);
-    };
+    using Turns = MmaTurns<kPingPong, Cfg::kConsumerThreads>;
 
     if (n_first >= 0) {
-      if (kPingPong && c == 1) named_bar_arrive(kBarTurn0, Cfg::kConsumerThreads);
-      mbarrier_wait_parity(bar_q, 0);
+      Turns::start(c);
+      mbarrier_wait_parity(sm.bar_q, 0);
       if constexpr (Cfg::kQRegs) {
-        // ldmatrix x4 of rows (lane & 15), 16-byte chunks (lane >> 4) of each k16 slice (the
-        // swizzled layout: chunk c of row r at c ^ (r % 8) inside the row's 128 bytes).
-        const int row = row_base + warp * 16 + (lane & 15);
-#pragma unroll
-        for (int ks = 0; ks < kQFrags; ++ks) {
-          const int chunk = ks * 2 + (lane >> 4);
-          const uint32_t addr =
-              sQ_u + (chunk >> 3) * kBlockM * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-          ldmatrix_x4(addr, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3]);
-        }
+        load_q_frags<kBlockM>(qa, sQ_u, row_base + warp * 16 + (lane & 15), 0, lane);
       }
-      // Prologue: S(first).
-      mbarrier_wait_parity(&k_full[0], 0);
-      turn_sync();
-      issue_qk(0);
-      turn_pass();
-      wgmma_wait<0>();
-      fence_acc<kNT>(s);
-      mbarrier_arrive(&k_empty[0]);
-      softmax(n_first);
-      convert_p();
-      int n = n_first, it = 0;
-      int nn = next_tile(n - 1);
-#pragma unroll 1
-      while (nn >= 0) {
-        const int st = it % kStages, st1 = (it + 1) % kStages;
-        const uint32_t ph = (it / kStages) & 1, ph1 = ((it + 1) / kStages) & 1;
-        turn_sync();
-        mbarrier_wait_parity(&k_full[st1], ph1);
-        issue_qk(st1);
-        mbarrier_wait_parity(&v_full[st], ph);
-        issue_pv(st);
-        turn_pass();
-        wgmma_wait<1>();
-        fence_acc<kNT>(s);
-        mbarrier_arrive(&k_empty[st1]);
-        softmax(nn);
+      // The wait for P(n) V(n) comes after the softmax of S(n + 1) in the program, but ptxas hoists
+      // it above the softmax, to the top of their common basic block (seen in SASS), and the
+      // softmax then no longer overlaps the MMA. A branch before the wait (never taken: the
+      // launcher checks scale > 0) ends the block and keeps the wait below (kSplitWait).
+      auto after_softmax = [&]() {
         fence_acc<kNT>(s);
         fence_scalars(row_sum, rescale);
-        // ptxas hoists the wait for P(n) V(n) above the softmax, to the top of their common basic
-        // block (seen in SASS), and the softmax then no longer overlaps the MMA. A branch here
-        // (never taken: the launcher checks scale > 0) ends the block and keeps the wait below.
         if constexpr (Cfg::kSplitWait) {
           if (p.scale_log2 <= 0.f) __trap();
         }
-        wgmma_wait<0>();
-        fence_acc<kOT>(acc_o);
-        mbarrier_arrive(&v_empty[st]);
-#pragma unroll
-        for (int j = 0; j < kOT; ++j) {
-          acc_o[j][0] *= rescale[0]; acc_o[j][1] *= rescale[0];
-          acc_o[j][2] *= rescale[1]; acc_o[j][3] *= rescale[1];
-        }
-        convert_p();
-        n = nn;
-        ++it;
-        nn = next_tile(n - 1);
-      }
-      const int st = it % kStages;
-      turn_sync();
-      mbarrier_wait_parity(&v_full[st], (it / kStages) & 1);
-      issue_pv(st);
-      if (c == 0) turn_pass();
-      wgmma_wait<0>();
-      fence_acc<kOT>(acc_o);
-      mbarrier_arrive(&v_empty[st]);
+      };
+      fa3_consume<Cfg, kPingPong>(sm, keys, n_first, c, s, acc_o, rescale, issue_qk, issue_pv, [] {}, softmax,
+                                  after_softmax, convert_p);
     }
 
     // ---- epilogue: O / l, rows < rows_valid, columns < d ----
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = row_sum[i];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      inv[i] = l > 0.f ? 1.f / l : 0.f;
-    }
+    row_inverse(row_sum, inv);
     T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

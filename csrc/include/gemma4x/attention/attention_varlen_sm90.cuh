@@ -34,21 +34,13 @@
 #include <cstdint>
 
 #include "gemma4x/attention/params.h"
-#include "gemma4x/attention/tile_class.h"
+#include "gemma4x/attention/varlen_common.cuh"
+#include "gemma4x/common/bulk_copy.cuh"  // smem_addr, fence_proxy_async_shared
+#include "gemma4x/common/ldmatrix.cuh"
 #include "gemma4x/common/mma.cuh"
+#include "gemma4x/common/sm90_wgmma.cuh"
 
 namespace gemma4x::attention {
-
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__nv_bfloat16> {
-  static constexpr bool kBf16 = true;
-};
-template <>
-struct MmaType<__half> {
-  static constexpr bool kBf16 = false;
-};
 
 template <typename T, int HD_, int kBlockM_, int kDSplit_, bool kWgmma_, int kMinBlocks_>
 struct AttnConfig {
@@ -84,123 +76,14 @@ struct AttnConfig {
 // ----------------------------------------------------------------------------------------------
 // PTX helpers.
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// cp.async writes through the generic proxy; wgmma reads shared memory through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                                  uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-__device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t imax64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (kBf16) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
-// ---- wgmma (sm_90a) ----
-// Shared-memory matrix descriptor, 128B swizzle: start >> 4 in bits 0-13, leading byte offset >> 4
-// in 16-29, stride byte offset >> 4 in 32-45, layout type 1 (SWIZZLE_128B) in bits 62-63. Regions
-// are 1024-byte aligned, so the base offset is 0.
-__device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// Register order of an m64n64 fp32 accumulator: d[4j + r] = fragment r of n8 tile j (the mma.sync
-// m16n8 C layout per warp: r = 0,1 row lane/4, r = 2,3 row lane/4 + 8; columns 8j + 2(lane%4) + {0,1}).
-#define G4X_ACC32(a)                                                                                            \
-  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),    \
-      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]), \
-      "+f"(a[3][2]), "+f"(a[3][3]), "+f"(a[4][0]), "+f"(a[4][1]), "+f"(a[4][2]), "+f"(a[4][3]), "+f"(a[5][0]), \
-      "+f"(a[5][1]), "+f"(a[5][2]), "+f"(a[5][3]), "+f"(a[6][0]), "+f"(a[6][1]), "+f"(a[6][2]), "+f"(a[6][3]), \
-      "+f"(a[7][0]), "+f"(a[7][1]), "+f"(a[7][2]), "+f"(a[7][3])
-#define G4X_D32                                                                                              \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
-// acc[64 x 64] (+)= A (smem, K-major) * B (smem, K-major), one k16 step.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_64x64(float (*acc)[4], uint64_t da, uint64_t db, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : G4X_ACC32(acc)
-        : "l"(da), "l"(db), "r"(accumulate));
-  }
-#endif
-}
-
-// acc[64 x 64] += A (registers, the m16k16 mma.sync A fragment per warp) * B (smem, MN-major).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_64x64_tb(float (*acc)[4], const uint32_t (&a)[4], uint64_t db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " G4X_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : G4X_ACC32(acc)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
-#endif
-}
+// cp.async writes through the generic proxy, wgmma reads shared memory through the async proxy:
+// the wgmma path puts fence_proxy_async_shared() between them.
 
 // ----------------------------------------------------------------------------------------------
 
@@ -231,7 +114,7 @@ __device__ __forceinline__ void load_tile(typename Cfg::Element* smem, const typ
     const int chunk = i % Cfg::kChunks;
     const bool valid = row < valid_rows && chunk < d_chunks;
     const typename Cfg::Element* src = valid ? gbase + row * stride + chunk * 8 : gbase;
-    cp_async_16(smem_u32(smem + SmemTile<Cfg>::off(row, chunk, ROWS)), src, valid);
+    cp_async_16(smem_addr(smem + SmemTile<Cfg>::off(row, chunk, ROWS)), src, valid);
   }
 }
 
@@ -256,20 +139,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int h = blockIdx.x;
   const int tile = blockIdx.y;
   if (tile >= p.tile_cum[p.batch]) return;
-  // Sequence of this tile: the largest b with tile_cum[b] <= tile (empty sequences own no tile).
-  int lo = 0, hi = p.batch;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (p.tile_cum[mid] <= tile) lo = mid; else hi = mid;
-  }
-  const int b = lo;
-  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
-  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
-  const int n_m = (Lq + kBlockM - 1) / kBlockM;
-  const int m_block = n_m - 1 - (tile - p.tile_cum[b]);  // heaviest (last) causal tiles first
-  const int m0 = m_block * kBlockM;
-  const int rows_valid = min(kBlockM, Lq - m0);
-  const int64_t off = static_cast<int64_t>(Lk) - Lq;  // query i has position i + off
+  const VarlenTile qt = locate_varlen_tile<kBlockM>(p, tile);
+  const int q_start = qt.q_start, k_start = qt.k_start, Lk = qt.Lk, m0 = qt.m0, rows_valid = qt.rows_valid;
 
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const T* gQ = static_cast<const T*>(p.q) + (q_start + m0) * p.q_row_stride + h * p.q_head_stride;
@@ -285,59 +156,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int64_t wr = p.window_right < 0 ? kBig : p.window_right;
 
   // Block-id summary of this tile's queries.
-  if (has_blocks) {
-    if (threadIdx.x == 0) { s_qbmin = INT_MAX; s_qbmax = -1; }
-    __syncthreads();
-    if (threadIdx.x < rows_valid) {
-      const int id = p.q_block[q_start + m0 + threadIdx.x];
-      if (id >= 0) { atomicMin(&s_qbmin, id); atomicMax(&s_qbmax, id); }
-    }
-    __syncthreads();
-  }
-  const int qbmin = has_blocks ? s_qbmin : INT_MAX;
-  const int qbmax = has_blocks ? s_qbmax : -1;
+  int qbmin, qbmax;
+  summarise_query_blocks<true>(p, qt, has_blocks, s_qbmin, s_qbmax, qbmin, qbmax);
 
-  // Key range the mask can reach; image blocks may reach past the right bound (and, unified,
-  // past the left bound).
-  const int64_t p_lo = m0 + off, p_hi = m0 + rows_valid - 1 + off;
-  const bool blocks_right = has_blocks && qbmax >= 0;
-  const bool blocks_left = blocks_right && p.unified;
-  int64_t s_max = blocks_right ? Lk - 1 : imin64(Lk - 1, p_hi + wr);
-  int64_t s_min = blocks_left ? 0 : imax64(0, p_lo - wl);
-  const int n_hi = (Lk == 0 || s_max < s_min) ? -1 : static_cast<int>(s_max / kBlockN);
-  const int n_lo = static_cast<int>(s_min / kBlockN);
-
-  const QueryTileSummary tile_q{p_lo, p_hi, wl, wr, qbmin, qbmax, p.unified};
-  auto classify = [&](int n) -> int {
-    const int64_t s0 = static_cast<int64_t>(n) * kBlockN;
-    const int64_t s1 = imin64(s0 + kBlockN, Lk) - 1;
-    bool overlap = false;
-    if (blocks_right) {
-      const int c0 = (k_start + static_cast<int>(s0)) / kKeyTile;
-      const int c1 = (k_start + static_cast<int>(s1)) / kKeyTile;
-      const int kmin = min(p.kb_min[c0], p.kb_min[c1]);
-      const int kmax = max(p.kb_max[c0], p.kb_max[c1]);
-      overlap = kmin <= qbmax && qbmin <= kmax;
-    }
-    return classify_key_tile(tile_q, s0, s1, s0 + kBlockN <= Lk, overlap);
-  };
-  // Next tile at or below n that is not skipped, or -1.
-  auto next_tile = [&](int n) -> int {
-    for (; n >= n_lo; --n)
-      if (classify(n) != TileClass::kSkip) return n;
-    return -1;
-  };
+  const KeyTileWalk<kBlockN> keys(p, qt, has_blocks, wl, wr, qbmin, qbmax);
+  auto classify = [&](int n) { return keys.classify(n); };
+  auto next_tile = [&](int n) { return keys.next(n); };
+  const int n_hi = keys.n_hi;
 
   // Rows of this thread (two per thread, m16n8 C layout): local rows r0, r0 + 8.
   const int r_loc0 = wm * 16 + (lane >> 2);
   int64_t qpos[2];
   int qblk[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = r_loc0 + 8 * i;
-    qpos[i] = m0 + r + off;
-    qblk[i] = (has_blocks && r < rows_valid) ? p.q_block[q_start + m0 + r] : -1;
-  }
+  query_rows(p, qt, has_blocks, r_loc0, qpos, qblk);
 
   float acc_o[kOT][4];
 #pragma unroll
@@ -355,12 +186,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_commit();
   }
 
-  const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+  const uint32_t sQ_u = smem_addr(sQ), sK_u = smem_addr(sK), sV_u = smem_addr(sV);
 
   while (n >= 0) {
     const int kind = classify(n);
     cp_async_wait_all();
-    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    if constexpr (Cfg::kWgmma) fence_proxy_async_shared();
     __syncthreads();  // K(n) (and Q) landed; every warp is done with V(n+1)
     load_tile<Cfg, kBlockN>(sV, gV + static_cast<int64_t>(n) * kBlockN * p.v_row_stride, p.v_row_stride,
                             Lk - n * kBlockN, d_chunks);
@@ -386,7 +217,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         wgmma_ss_64x64<kBf16>(s, gmma_desc(a_addr, 16, 1024), gmma_desc(b_addr, 16, 1024), 1);
       }
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
     } else {
 #pragma unroll
       for (int ks = 0; ks < kHDw / 16; ++ks) {
@@ -413,7 +244,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
         *reinterpret_cast<float4*>(mine + (j * 32 + lane) * 4) = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
-      named_barrier(1 + wm, 64);
+      named_bar_sync(1 + wm, 64);
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
         const float4 t = *reinterpret_cast<const float4*>(theirs + (j * 32 + lane) * 4);
@@ -421,70 +252,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       }
     }
 
-    // ---- mask ----
+    // ---- mask, online softmax, P as A fragments ----
     if (kind == TileClass::kPartial) {
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int kj = n * kBlockN + j * 8 + 2 * (lane & 3) + c;
-          const int kb = (has_blocks && kj < Lk) ? p.k_block[k_start + kj] : -1;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int64_t dpos = qpos[i] - kj;  // p - s
-            const bool left = dpos <= wl;
-            const bool right = -dpos <= wr;
-            const bool same = kb >= 0 && kb == qblk[i];
-            const bool ok = kj < Lk && (p.unified ? ((left && right) || same) : (left && (right || same)));
-            if (!ok) s[j][2 * i + c] = -INFINITY;
-          }
-        }
-      }
+      mask_partial_tile<kNT, kBlockN>(s, p, qt, has_blocks, n, lane, qpos, qblk, wl, wr);
     }
-
-    // ---- online softmax ----
     float rescale[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = row_max[i];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      rescale[i] = row_max[i] == -INFINITY ? 0.f : fast_exp2(row_max[i] * p.scale_log2 - m_use);
-      row_max[i] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float x = s[j][2 * i + c];
-          const float e = x == -INFINITY ? 0.f : fast_exp2(fmaf(x, p.scale_log2, -m_use));
-          s[j][2 * i + c] = e;
-          sum += e;
-        }
-      }
-      row_sum[i] = row_sum[i] * rescale[i] + sum;
-    }
-#pragma unroll
-    for (int j = 0; j < kOT; ++j) {
-      acc_o[j][0] *= rescale[0]; acc_o[j][1] *= rescale[0];
-      acc_o[j][2] *= rescale[1]; acc_o[j][3] *= rescale[1];
-    }
-    // P as A fragments: k16 step t covers S n8 tiles 2t, 2t+1.
+    online_softmax<kNT>(s, row_max, row_sum, rescale, p);
+    rescale_o<kOT>(acc_o, rescale);
     uint32_t pa[kNT / 2][4];
-#pragma unroll
-    for (int t = 0; t < kNT / 2; ++t) {
-      pa[t][0] = pack2<kBf16>(s[2 * t][0], s[2 * t][1]);
-      pa[t][1] = pack2<kBf16>(s[2 * t][2], s[2 * t][3]);
-      pa[t][2] = pack2<kBf16>(s[2 * t + 1][0], s[2 * t + 1][1]);
-      pa[t][3] = pack2<kBf16>(s[2 * t + 1][2], s[2 * t + 1][3]);
-    }
+    pack_p<kBf16, kNT>(pa, s);
 
     const int n_next = next_tile(n - 1);
     cp_async_wait_all();
-    if constexpr (Cfg::kWgmma) fence_proxy_async();
+    if constexpr (Cfg::kWgmma) fence_proxy_async_shared();
     __syncthreads();  // V(n) landed; every warp is done with K(n)
     if (n_next >= 0) {
       load_tile<Cfg, kBlockN>(sK, gK + static_cast<int64_t>(n_next) * kBlockN * p.k_row_stride, p.k_row_stride,
@@ -506,7 +286,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         }
       }
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
     } else {
 #pragma unroll
       for (int t = 0; t < kNT / 2; ++t) {
@@ -527,13 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   // ---- epilogue: O / l, rows < rows_valid, columns < d ----
   float inv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = row_sum[i];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    inv[i] = l > 0.f ? 1.f / l : 0.f;
-  }
+  row_inverse(row_sum, inv);
   T* gO = static_cast<T*>(p.out) + (q_start + m0) * p.o_row_stride + h * p.o_head_stride;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

@@ -46,7 +46,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gemma4x/common/bf16x2.cuh"
 #include "gemma4x/common/bulk_copy.cuh"
+#include "gemma4x/common/sm90_wgmma.cuh"
+#include "gemma4x/common/tma.cuh"
 #include "gemma4x/nvfp4/params.h"
 
 namespace gemma4x::nvfp4::wgmma {
@@ -99,83 +102,16 @@ struct GemmParams {
   Epilogue epilogue;
 };
 
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                            int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
-      : "memory");
-}
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-#endif
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
+// The warpgroup and TMA primitives (tma_load_2d / 4d, setmaxnreg, wgmma fences, fence_acc) are
+// common/sm90_wgmma.cuh and common/tma.cuh; these two name the forms this kernel uses.
 
 // Shared-memory matrix descriptor of a K-major 128-byte-swizzled tile (rows of 128 bytes, 8-row
-// groups 1024 bytes apart): start >> 4, leading byte offset 16 (unused), stride 1024, SWIZZLE_128B.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(16 >> 4) << 16;
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
+// groups 1024 bytes apart): leading byte offset 16 (unused), stride 1024.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) { return gmma_desc(addr, 16, 1024); }
 
-// acc[64 x 128] += A (registers, 4 per thread) * B (shared memory, K-major), one k16 step.
-// Accumulator order (per warp, the mma.sync m16n8 C layout): acc[j][r], n8 tile j, r = 0, 1 row
-// lane/4 columns 8j + 2(lane%4) + {0, 1}; r = 2, 3 row lane/4 + 8.
-#define G4X_W_ACC(a, j) "+f"(a[j][0]), "+f"(a[j][1]), "+f"(a[j][2]), "+f"(a[j][3])
+// acc[64 x 128] += A (registers, 4 per thread) * B (shared memory, K-major), one bf16 k16 step.
 __device__ __forceinline__ void wgmma_rs_m64n128(float (*a)[4], const uint32_t (&f)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
-      "}\n"
-      : G4X_W_ACC(a, 0), G4X_W_ACC(a, 1), G4X_W_ACC(a, 2), G4X_W_ACC(a, 3), G4X_W_ACC(a, 4), G4X_W_ACC(a, 5),
-        G4X_W_ACC(a, 6), G4X_W_ACC(a, 7), G4X_W_ACC(a, 8), G4X_W_ACC(a, 9), G4X_W_ACC(a, 10), G4X_W_ACC(a, 11),
-        G4X_W_ACC(a, 12), G4X_W_ACC(a, 13), G4X_W_ACC(a, 14), G4X_W_ACC(a, 15)
-      : "r"(f[0]), "r"(f[1]), "r"(f[2]), "r"(f[3]), "l"(desc));
-#endif
-}
-#undef G4X_W_ACC
-
-// Pins accumulator registers here: the compiler may not move their reads or writes across it.
-template <int kN>
-__device__ __forceinline__ void fence_acc(float (*a)[4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(a[j][r])::"memory");
+  wgmma_rs_64x128<true>(a, f, desc, 1);
 }
 
 __device__ __forceinline__ uint4 lds16(uint32_t addr) {
@@ -197,12 +133,6 @@ __device__ __forceinline__ uint32_t swz64(uint32_t o) { return o ^ ((o >> 3) & 0
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t q, uint32_t shift) {
   const uint32_t t = q << shift;
   return (t & 0x80008000u) | ((t >> 6) & 0x01C001C0u);
-}
-
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
 }
 
 // Two e4m3 scales (low byte, high byte) -> bf16x2 {s_lo, s_hi} * 2^118, exactly (e4m3 -> f16 ->
