@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "gemma4x/common/bf16x2.cuh"
 #include "gemma4x/common/ldst.cuh"
 #include "gemma4x/common/mma.cuh"
 #include "gemma4x/common/pdl.cuh"
@@ -53,11 +54,7 @@ __device__ __forceinline__ uint32_t e2m1x2_bits(uint32_t q, int p) {
   return (t & 0x80008000u) | ((t & 0x70007000u) >> 6);
 }
 
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+using gemma4x::bf16x2_mul;
 
 // Two e4m3 scales (rows g, g+8) -> two bf16x2 {s * 2^118, s * 2^118}.
 __device__ __forceinline__ void scale_pair(uint32_t s2, uint32_t& sg, uint32_t& sg8) {
