@@ -34,8 +34,7 @@ def _check_rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float)
     check_float_scalar(op, "eps", eps)
 
 
-def _check_fused_add(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> None:
-    op = "fused_add_rms_norm"
+def _check_norm_with_residual(op: str, x: torch.Tensor, residual: torch.Tensor, weight, eps: float) -> None:
     dtype_code(x, f"{op}: x")
     check_rows(op, "x", x)
     check_same_shape(op, "residual", residual, x, "x")
@@ -43,6 +42,10 @@ def _check_fused_add(x: torch.Tensor, residual: torch.Tensor, weight: Optional[t
     if weight is not None:
         check_weight(op, "weight", weight, x)
     check_float_scalar(op, "eps", eps)
+
+
+def _check_fused_add(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> None:
+    _check_norm_with_residual("fused_add_rms_norm", x, residual, weight, eps)
 
 
 def _check_moe_tail(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3) -> None:
@@ -63,13 +66,7 @@ def _check_moe_tail(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3) -> N
 
 def _check_residual(residual, x, weight, eps, scalar) -> None:
     op = "residual_rms_norm"
-    dtype_code(x, f"{op}: x")
-    check_rows(op, "x", x)
-    check_same_shape(op, "residual", residual, x, "x")
-    check_rows(op, "residual", residual)
-    if weight is not None:
-        check_weight(op, "weight", weight, x)
-    check_float_scalar(op, "eps", eps)
+    _check_norm_with_residual(op, x, residual, weight, eps)
     if scalar is not None:
         if scalar.numel() != 1:
             raise ValueError(f"{op}: scalar must have exactly 1 element, got shape {list(scalar.shape)}")
