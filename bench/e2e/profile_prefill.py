@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from gemma4x import checkpoint, presets  # noqa: E402
-from gemma4x.runtime import Gemma4Runtime  # noqa: E402
+from gemma4x import checkpoint, presets
+from gemma4x.runtime import Gemma4Runtime
 
 
 def profile_model(name: str, workdir: str, tag: str, prompt_len: int, repeats: int, top: int) -> None:
