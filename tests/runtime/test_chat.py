@@ -250,5 +250,8 @@ def test_cli_chat(chat_checkpoint, capsys):
     _, err = capsys.readouterr()
     assert rc == 0, err
     assert "prompt tokens" in err and "generated" in err
+    rc = main(["chat", "--model", str(chat_checkpoint), "--message", "Hi", "--enable-thinking", "--max-new-tokens", "3",
+               "--device", "cpu", "--temperature", "0.8", "--seed", "3"])  # fmt: skip
+    assert rc == 0
     rc = main(["chat", "--model", str(chat_checkpoint.parent), "--message", "x", "--device", "cpu"])
     assert rc == 2 and "no config.json" in capsys.readouterr().err
