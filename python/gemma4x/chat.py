@@ -32,6 +32,7 @@ __all__ = [
     "ChatTemplateError",
     "ToolCall",
     "load_chat_template",
+    "load_special_tokens",
     "parse_tool_calls",
     "render_chat",
     "split_reasoning",
@@ -46,12 +47,18 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 STRING_DELIM = '<|"|>'
 TURN_CLOSE = "<turn|>"
 TOOL_RESPONSE_OPEN = "<|tool_response>"
-# Gemma 4's control tokens (spec 8.1) and the plain specials: never part of an answer's text.
-CONTROL_TOKENS = (
+# Gemma 4's chat control tokens (spec 8.1), each one special token of the tokenizer.
+CHAT_TOKENS = (
     "<|turn>", TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, "<|think|>", "<|tool>", "<tool|>", TOOL_CALL_OPEN,
-    TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, "<tool_response|>", "<bos>", "<eos>", "<pad>",
+    TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, "<tool_response|>", STRING_DELIM,
 )  # fmt: skip
-_CONTROL_RE = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
+# Never part of an answer's text: the control tokens (the string delimiter aside: it belongs to a
+# tool call's text) and the plain specials.
+_CONTROL_RE = re.compile(
+    "|".join(re.escape(t) for t in (*CHAT_TOKENS, "<bos>", "<eos>", "<pad>") if t != STRING_DELIM)
+)
+# What templates call the plain specials, with Gemma's values where tokenizer_config.json has none.
+_DEFAULT_SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 # Message fields a reasoning text may come under; templates read the first (as transformers aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -84,6 +91,24 @@ def load_chat_template(model_dir: str | Path) -> str | None:
     if template is not None and not isinstance(template, str):
         raise ChatTemplateError(f"{cfg_path}: chat_template must be a string, got {type(template).__name__}")
     return template
+
+
+def load_special_tokens(model_dir: str | Path) -> dict[str, str]:
+    """``bos_token``, ``eos_token``, ``pad_token``, ``unk_token`` as chat templates name them: from
+    ``tokenizer_config.json`` (strings or ``{"content": ...}``), else Gemma's."""
+    out = dict(_DEFAULT_SPECIAL_TOKENS)
+    cfg_path = Path(model_dir) / TOKENIZER_CONFIG_FILE
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ChatTemplateError(f"cannot read {cfg_path}: {exc}") from exc
+        for key in out:
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[key] = v
+    return out
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from gemma4x.chat import CHAT_TOKENS
 from gemma4x.config import ModelConfig, load_config
 
 __all__ = [
@@ -464,11 +465,8 @@ _TOKENIZER_CORPUS = (
     "Sliding window attention looks at recent tokens while full attention sees them all. "
 )
 TINY_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 as in Gemma
-# Gemma 4's chat control tokens (spec 8.1), for tiny tokenizers that render chat templates.
-CHAT_SPECIAL_TOKENS = (
-    "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|tool>", "<tool|>", "<|tool_call>",
-    "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
-)  # fmt: skip
+# Gemma 4's chat control tokens, for tiny tokenizers that render chat templates.
+CHAT_SPECIAL_TOKENS = CHAT_TOKENS
 
 
 def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int, extra_special_tokens: Sequence[str] = ()) -> Path:

@@ -197,9 +197,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from gemma4x.chat import ChatTemplateError, load_chat_template, render_chat
+    from gemma4x.chat import ChatTemplateError, load_chat_template, load_special_tokens, render_chat
     from gemma4x.config import load_config
-    from gemma4x.runtime.runtime import _read_special_tokens
     from gemma4x.tokenizer import load_tokenizer
 
     model_dir = Path(args.model)
@@ -216,7 +215,7 @@ def _cmd_chat(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.message}
     ]
-    text = render_chat(template, messages, special_tokens=_read_special_tokens(model_dir),
+    text = render_chat(template, messages, special_tokens=load_special_tokens(model_dir),
                        enable_thinking=args.enable_thinking)  # fmt: skip
     prompt_len = len(tokenizer.encode(text, add_bos=False))
     max_seq_len = args.max_seq_len or prompt_len + args.max_new_tokens

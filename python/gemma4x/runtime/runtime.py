@@ -24,6 +24,7 @@ from gemma4x.chat import (
     ChatTemplateError,
     ToolCall,
     load_chat_template,
+    load_special_tokens,
     parse_tool_calls,
     render_chat,
     split_reasoning,
@@ -114,24 +115,6 @@ def _read_generation_config(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise ValueError(f"{f}: expected a JSON object")
     return doc
-
-
-def _read_special_tokens(path: Path) -> dict[str, str]:
-    """``bos_token``, ``eos_token``, ... of tokenizer_config.json (strings or ``{"content": ...}``), as
-    chat templates name them; Gemma's defaults where it has none."""
-    out = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    cfg_path = path / "tokenizer_config.json"
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"cannot read {cfg_path}: {exc}") from exc
-        for key in list(out):
-            v = cfg.get(key)
-            v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str):
-                out[key] = v
-    return out
 
 
 def _id_list(value, what: str) -> tuple[int, ...]:
@@ -274,7 +257,7 @@ class Gemma4Runtime:
             suppress_tokens=suppress,
             use_cuda_graphs=use_cuda_graphs,
             chat_template=load_chat_template(path),
-            special_tokens=_read_special_tokens(path),
+            special_tokens=load_special_tokens(path),
         )
 
     # ---- input checks (before any state changes, so a bad call leaves the runtime usable) ----
@@ -444,16 +427,15 @@ class Gemma4Runtime:
             except ChatTemplateError as exc:
                 raise ChatTemplateError(f"conversation {i}: {exc}") from None
             prompts.append(self.tokenizer.encode(text, add_bos=False))  # the template wrote <bos>
+        turn_ends = [TURN_CLOSE, TOOL_RESPONSE_OPEN] if tools else [TURN_CLOSE]
         stops = list(sampling.pop("stop_token_ids", None) or ())
-        for token in (TURN_CLOSE, TOOL_RESPONSE_OPEN if tools else None):
-            tid = self.tokenizer.token_id(token) if token else None
-            if tid is not None:
-                stops.append(tid)
+        stops += [t for t in map(self.tokenizer.token_id, turn_ends) if t is not None]
         results = self.generate(prompts, max_new_tokens, stop_token_ids=stops, **sampling)
+        all_stops = set(stops) | set(self.eos_token_ids)
         out = []
         for r in results:
             raw = self.tokenizer.decode(r.token_ids, skip_special_tokens=False)
-            reasoning, rest = split_reasoning(_strip_end(raw, self.tokenizer, r.token_ids, set(stops) | set(self.eos_token_ids)))
+            reasoning, rest = split_reasoning(_strip_end(raw, self.tokenizer, r.token_ids, all_stops))
             try:
                 content, calls = parse_tool_calls(rest)
             except ValueError:  # the model wrote a malformed call: keep its text (``raw`` has it all)
