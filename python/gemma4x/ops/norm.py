@@ -48,6 +48,12 @@ def _check_fused_add(x: torch.Tensor, residual: torch.Tensor, weight: Optional[t
     _check_norm_with_residual("fused_add_rms_norm", x, residual, weight, eps)
 
 
+def _check_layer_scalar(op: str, scalar: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if scalar.numel() != 1:
+        raise ValueError(f"{op}: scalar must have exactly 1 element, got shape {list(scalar.shape)}")
+    check_same(op, "scalar", scalar, like, like_name)
+
+
 def _check_moe_tail(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3) -> None:
     op = "moe_tail_norm"
     dtype_code(x1, f"{op}: x1")
@@ -57,9 +63,7 @@ def _check_moe_tail(x1, x2, residual, w1, w2, w3, scalar, eps1, eps2, eps3) -> N
         check_rows(op, name, t)
     for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
         check_weight(op, name, w, x1)
-    if scalar.numel() != 1:
-        raise ValueError(f"{op}: scalar must have exactly 1 element, got shape {list(scalar.shape)}")
-    check_same(op, "scalar", scalar, x1, "x1")
+    _check_layer_scalar(op, scalar, x1, "x1")
     for name, eps in (("eps1", eps1), ("eps2", eps2), ("eps3", eps3)):
         check_float_scalar(op, name, eps)
 
@@ -68,9 +72,7 @@ def _check_residual(residual, x, weight, eps, scalar) -> None:
     op = "residual_rms_norm"
     _check_norm_with_residual(op, x, residual, weight, eps)
     if scalar is not None:
-        if scalar.numel() != 1:
-            raise ValueError(f"{op}: scalar must have exactly 1 element, got shape {list(scalar.shape)}")
-        check_same(op, "scalar", scalar, x, "x")
+        _check_layer_scalar(op, scalar, x, "x")
 
 
 @torch.library.custom_op("gemma4x::rms_norm", mutates_args=())
